@@ -1,0 +1,103 @@
+"""The compressed-tensor record: the one truth that the ONNX writer and the sidecar writer both render.
+
+A record holds whichever parts a tensor has (sparse positions, raw values, codebook + indices) and
+`decode()` turns them back into the dense array every consumer sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from modelsqueeze.errors import ModelSqueezeError
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedTensor:
+    """One weight tensor in compressed form.
+
+    Stored entries are either every element (``positions is None``) or only the elements at
+    ``positions`` (sorted, unique flat indices; all other elements are exactly zero). Each stored
+    entry's value is ``values[i]`` (raw) or ``codebook[indices[i]]`` (weight sharing).
+    ``stream_codecs`` lets a later step (Huffman) choose how a stream is stored, by role name.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    values: np.ndarray | None = None
+    codebook: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    index_bits: int = 0
+    positions: np.ndarray | None = None
+    stream_codecs: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.dtype not in FLOAT_DTYPES:
+            raise ModelSqueezeError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {FLOAT_DTYPES}")
+        if any(d < 0 for d in self.shape):
+            raise ModelSqueezeError(f"tensor {self.name!r}: negative dimension in shape {self.shape}")
+        if (self.values is None) == (self.codebook is None):
+            raise ModelSqueezeError(f"tensor {self.name!r}: needs exactly one of raw values or a codebook")
+        if (self.codebook is None) != (self.indices is None):
+            raise ModelSqueezeError(f"tensor {self.name!r}: a codebook needs indices and indices a codebook")
+        n_stored = self.n_stored
+        if self.positions is not None:
+            pos = self.positions
+            if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
+                raise ModelSqueezeError(f"tensor {self.name!r}: positions must be a 1-D integer array")
+            if pos.size and (pos[0] < 0 or pos[-1] >= self.n_params or np.any(np.diff(pos) <= 0)):
+                raise ModelSqueezeError(f"tensor {self.name!r}: positions must be sorted, unique and inside the tensor")
+        stored = self.values if self.values is not None else self.indices
+        if stored.ndim != 1 or stored.size != n_stored:
+            raise ModelSqueezeError(
+                f"tensor {self.name!r}: {stored.size} stored entries, expected {n_stored} as a 1-D array"
+            )
+        if self.codebook is not None:
+            k = self.codebook.size
+            if not 1 <= self.index_bits <= 16 or k > (1 << self.index_bits):
+                raise ModelSqueezeError(
+                    f"tensor {self.name!r}: {k} centroids do not fit in {self.index_bits}-bit indices"
+                )
+            if self.indices.size and int(self.indices.max()) >= k:
+                raise ModelSqueezeError(f"tensor {self.name!r}: an index points past the {k}-entry codebook")
+
+    @property
+    def n_params(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_stored(self) -> int:
+        return self.n_params if self.positions is None else int(self.positions.size)
+
+    @property
+    def kind(self) -> str:
+        """A short human name for the composition: dense, sparse, codebook or sparse+codebook."""
+        base = "codebook" if self.codebook is not None else "raw"
+        return f"sparse+{base}" if self.positions is not None else base
+
+    def stored_values(self) -> np.ndarray:
+        """The value of every stored entry, in storage order."""
+        if self.codebook is not None:
+            return self.codebook.astype(self.dtype, copy=False)[self.indices.astype(np.intp)]
+        return self.values.astype(self.dtype, copy=False)
+
+    def decode(self) -> np.ndarray:
+        """The dense tensor these parts describe."""
+        stored = self.stored_values()
+        if self.positions is None:
+            return stored.reshape(self.shape)
+        dense = np.zeros(self.n_params, dtype=self.dtype)
+        dense[self.positions] = stored
+        return dense.reshape(self.shape)
+
+    @classmethod
+    def raw(cls, name: str, array: np.ndarray) -> "CompressedTensor":
+        """A record that stores `array` as it is."""
+        array = np.asarray(array)
+        return cls(name=name, shape=array.shape, dtype=array.dtype.name, values=array.reshape(-1))
