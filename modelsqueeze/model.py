@@ -1,0 +1,442 @@
+"""Load and save ONNX models safely, and find their weight tensors from the graph (never from names).
+
+Loading refuses anything that is not a readable ONNX model with one clear error; external data must
+stay inside the model's folder. Saving is atomic and never overwrites without `force`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
+
+from modelsqueeze.errors import ModelSqueezeError
+
+# Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with some headroom.
+PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+# (op_type, input index) -> (role, output-channel axis, reduction axis), axes for the usual layouts.
+# Gemm and MatMul depend on attributes or rank and are worked out in `_consumer_axes`.
+_WEIGHT_INPUTS: dict[tuple[str, int], tuple[str, int | None, int | None]] = {
+    ("Conv", 1): ("weight", 0, 1),
+    ("Conv", 2): ("bias", 0, None),
+    ("ConvTranspose", 1): ("weight", 1, 0),
+    ("ConvTranspose", 2): ("bias", 0, None),
+    # Recurrent W and R are [directions, gates*hidden, input|hidden]: gate rows are the outputs.
+    ("LSTM", 1): ("weight", 1, 2),
+    ("LSTM", 2): ("weight", 1, 2),
+    ("LSTM", 3): ("bias", 1, None),
+    ("GRU", 1): ("weight", 1, 2),
+    ("GRU", 2): ("weight", 1, 2),
+    ("GRU", 3): ("bias", 1, None),
+    ("RNN", 1): ("weight", 1, 2),
+    ("RNN", 2): ("weight", 1, 2),
+    ("RNN", 3): ("bias", 1, None),
+    ("BatchNormalization", 1): ("norm", 0, None),
+    ("BatchNormalization", 2): ("norm", 0, None),
+    ("BatchNormalization", 3): ("norm", 0, None),
+    ("BatchNormalization", 4): ("norm", 0, None),
+    ("LayerNormalization", 1): ("norm", None, None),
+    ("LayerNormalization", 2): ("norm", None, None),
+    ("InstanceNormalization", 1): ("norm", 0, None),
+    ("InstanceNormalization", 2): ("norm", 0, None),
+}
+_ROLE_RANK = {"weight": 4, "embedding": 3, "bias": 2, "norm": 1, "other": 0}
+# Roles whose tensors the compression commands transform by default.
+COMPRESSIBLE_ROLES = ("weight", "embedding")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One use of a tensor: the node that reads it and at which input."""
+
+    node: str
+    op: str
+    input_index: int
+
+
+@dataclass(eq=False)
+class WeightInfo:
+    """A float tensor stored in the model, with what the graph says about it."""
+
+    name: str
+    graph: str  # "" for the main graph, else the path of the subgraph ("node/attribute")
+    source: str  # "initializer", "constant" or "sparse_initializer"
+    shape: tuple[int, ...]
+    dtype: str
+    consumers: tuple[Consumer, ...]
+    role: str  # weight, embedding, bias, norm or other
+    channel_axis: int | None  # axis along which the consumer's output channels lie
+    reduction_axis: int | None  # the input (reduction) axis, where the layout has one
+    proto: onnx.TensorProto | onnx.SparseTensorProto
+
+    @property
+    def key(self) -> str:
+        """Unique name across subgraphs (subgraph initializers may shadow outer names)."""
+        return self.name if not self.graph else f"{self.graph}/{self.name}"
+
+    @property
+    def n_params(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ops(self) -> str:
+        return ",".join(sorted({c.op for c in self.consumers})) or "-"
+
+    def array(self) -> np.ndarray:
+        if isinstance(self.proto, onnx.SparseTensorProto):
+            return sparse_to_dense(self.proto)
+        return numpy_helper.to_array(self.proto)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_model_bytes(path: Path) -> bytes:
+    """The file's bytes, or one clear error for a path that cannot be a model."""
+    if not path.exists():
+        raise ModelSqueezeError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelSqueezeError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelSqueezeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise ModelSqueezeError(f"{path}: file is empty, expected an ONNX model")
+    return data
+
+
+def parse_model(data: bytes, source: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelSqueezeError(f"{source}: not an ONNX model (truncated or not protobuf: {exc})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelSqueezeError(f"{source}: not an ONNX model (no IR version, graph or opset)")
+    return model
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+    """Load a model and its external data (which must lie inside the model's folder)."""
+    path = Path(path)
+    model = parse_model(read_model_bytes(path), path)
+    external = [t for t in iter_all_tensors(model) if uses_external_data(t)]
+    if external:
+        base = path.resolve().parent
+        for tensor in external:
+            check_external_location(tensor, base, path)
+        load_external_data_for_model(model, str(base))
+    if check:
+        check_model(model, path)
+    return model
+
+
+def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) -> None:
+    """onnx.checker, with its long message cut to the line that says what is wrong."""
+    try:
+        if tensor_bytes(model) < PROTOBUF_LIMIT_BYTES:
+            onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid")
+        raise ModelSqueezeError(f"{source}: invalid ONNX model: {first}") from None
+
+
+def uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def check_external_location(tensor: onnx.TensorProto, base: Path, source: Path) -> None:
+    """Refuse external data that escapes the model's folder or is not there."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    what = f"{source}: tensor {tensor.name!r} external data {location!r}"
+    if not location:
+        raise ModelSqueezeError(f"{what}: no location given")
+    rel = Path(location)
+    if rel.is_absolute() or location.startswith(("/", "\\")) or ".." in rel.parts or ".." in location.split("\\"):
+        raise ModelSqueezeError(f"{what}: refused, the path leaves the model's folder")
+    target = (base / rel).resolve()
+    if base != target and base not in target.parents:
+        raise ModelSqueezeError(f"{what}: refused, it resolves outside the model's folder (symlink?)")
+    if not target.is_file():
+        raise ModelSqueezeError(f"{what}: file is missing")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+    except ValueError:
+        raise ModelSqueezeError(f"{what}: offset or length is not a number") from None
+    if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+        raise ModelSqueezeError(f"{what}: bytes {offset}..{offset + length} lie beyond the end of the file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Walking the graph
+
+
+def iter_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graph and every subgraph (If/Loop/Scan bodies), each with its path."""
+    yield path, graph
+    for node_index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for i, sub in enumerate(subs):
+                label = f"{node_name(node, node_index)}/{attr.name}" + (f"[{i}]" if len(subs) > 1 else "")
+                yield from iter_graphs(sub, f"{path}/{label}" if path else label)
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that can carry data: initializers and node attributes, in all graphs."""
+    for _, graph in iter_graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                yield from attr.tensors
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=values.dtype)
+    flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), shape)
+    dense[flat] = values
+    return dense.reshape(shape)
+
+
+def _consumer_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[str, int | None, int | None]:
+    op = node.op_type
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if op == "Gemm":
+        if index == 1:  # B is K x N, or N x K with transB
+            return ("weight", 0, 1) if attrs.get("transB", 0) else ("weight", 1, 0)
+        if index == 0:  # a constant A is M x K (K x M with transA): its rows are the outputs
+            return ("weight", 1, 0) if attrs.get("transA", 0) else ("weight", 0, 1)
+        return ("bias", rank - 1 if rank else None, None)
+    if op == "MatMul":
+        if rank < 2:
+            return ("weight", None, 0 if rank == 1 else None)
+        return ("weight", rank - 1, rank - 2) if index == 1 else ("weight", rank - 2, rank - 1)
+    if op == "Gather" and index == 0 and attrs.get("axis", 0) == 0:
+        return ("embedding", 0, None)
+    return _WEIGHT_INPUTS.get((op, index), ("other", None, None))
+
+
+def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
+    """Every float tensor held in the model (initializers, Constant nodes, subgraphs), with its
+    consumers and layout, in graph order. Names resolve by scope, so a subgraph that reads an
+    outer initializer is one of that initializer's consumers."""
+    found: dict[str, WeightInfo] = {}
+    uses: dict[str, list[tuple[onnx.NodeProto, str, int]]] = {}
+
+    def walk(graph: onnx.GraphProto, path: str, scope: dict[str, str | None]) -> None:
+        scope = dict(scope)
+        for inp in graph.input:
+            scope[inp.name] = None
+        for tensor in graph.initializer:
+            _add(found, tensor.name, path, "initializer", tensor)
+            scope[tensor.name] = _key(path, tensor.name)
+        for sparse in graph.sparse_initializer:
+            _add(found, sparse.values.name, path, "sparse_initializer", sparse)
+            scope[sparse.values.name] = _key(path, sparse.values.name)
+        for node_index, node in enumerate(graph.node):
+            label = node_name(node, node_index)
+            qualified = _key(path, label)
+            for i, name in enumerate(node.input):
+                key = scope.get(name)
+                if key is not None:
+                    uses.setdefault(key, []).append((node, qualified, i))
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for j, sub in enumerate(subs):
+                    sub_label = f"{label}/{attr.name}" + (f"[{j}]" if len(subs) > 1 else "")
+                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope)
+            const = _constant_tensor(node)
+            for out in node.output:
+                scope[out] = None
+            if const is not None and node.output:
+                _add(found, node.output[0], path, "constant", const)
+                scope[node.output[0]] = _key(path, node.output[0])
+
+    walk(model.graph, "", {})
+    weights = []
+    for key, info in found.items():
+        consumers = tuple(Consumer(label, node.op_type, i) for node, label, i in uses.get(key, ()))
+        layouts = {_consumer_axes(node, i, len(info.shape)) for node, _, i in uses.get(key, ())}
+        role = max((r for r, _, _ in layouts), key=_ROLE_RANK.__getitem__, default="other")
+        axes = {(c, r) for rl, c, r in layouts if rl == role}
+        channel_axis, reduction_axis = axes.pop() if len(axes) == 1 else (None, None)
+        info.consumers, info.role = consumers, role
+        info.channel_axis, info.reduction_axis = channel_axis, reduction_axis
+        weights.append(info)
+    return weights
+
+
+def _key(path: str, name: str) -> str:
+    return name if not path else f"{path}/{name}"
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def _add(found: dict, name: str, path: str, source: str, proto) -> None:
+    tensor = proto.values if isinstance(proto, onnx.SparseTensorProto) else proto
+    dtype = FLOAT_TYPES.get(tensor.data_type)
+    if dtype is None:
+        return  # integer, bool, string and exotic float tensors are not weights we transform
+    shape = tuple(proto.dims)
+    found[_key(path, name)] = WeightInfo(
+        name=name, graph=path, source=source, shape=shape, dtype=dtype, consumers=(),
+        role="other", channel_axis=None, reduction_axis=None, proto=proto,
+    )
+
+
+def select_weights(
+    weights: Iterable[WeightInfo],
+    layers: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    min_params: int = 0,
+    roles: Iterable[str] | None = COMPRESSIBLE_ROLES,
+) -> list[WeightInfo]:
+    """The shared --layers / --exclude / --min-params filter. Globs match the tensor's name, its
+    subgraph-qualified key, or the name of any node that consumes it."""
+    layers, exclude = list(layers), list(exclude)
+    roles = None if roles is None else set(roles)
+
+    def matches(info: WeightInfo, patterns: list[str]) -> bool:
+        names = [info.name, info.key, *(c.node for c in info.consumers)]
+        names += [c.node.rsplit("/", 1)[-1] for c in info.consumers]
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+    chosen = []
+    for info in weights:
+        if roles is not None and info.role not in roles and not (layers and matches(info, layers)):
+            continue
+        if layers and not matches(info, layers):
+            continue
+        if exclude and matches(info, exclude):
+            continue
+        if info.n_params < min_params:
+            continue
+        chosen.append(info)
+    return chosen
+
+
+def replace_tensor(info: WeightInfo, array: np.ndarray) -> None:
+    """Put `array` where the tensor was (initializer or Constant value), keeping its name."""
+    new = numpy_helper.from_array(np.ascontiguousarray(array), info.name)
+    if isinstance(info.proto, onnx.SparseTensorProto):
+        raise ModelSqueezeError(f"tensor {info.name!r}: replace a sparse initializer through the model writer")
+    info.proto.CopyFrom(new)
+    info.shape, info.dtype = tuple(array.shape), array.dtype.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing and saving
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in the proto (raw and typed fields), without serialising it."""
+    total = 0
+    for t in iter_all_tensors(model):
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (
+            len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
+        )
+    return total
+
+
+def graph_hash(model: onnx.ModelProto) -> bytes:
+    """SHA-256 binding a sidecar to its graph: the model with every initializer removed, so the
+    skeleton (graph minus sidecar-backed initializers) and the full graph hash alike."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for _, graph in iter_graphs(bare.graph):
+        graph.ClearField("initializer")
+        graph.ClearField("sparse_initializer")
+    return hashlib.sha256(bare.SerializeToString(deterministic=True)).digest()
+
+
+def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an output that would overwrite an input, or an existing file without --force."""
+    path = Path(path)
+    for inp in inputs:
+        if Path(inp).exists() and path.exists() and path.resolve() == Path(inp).resolve():
+            raise ModelSqueezeError(f"{path}: refusing to overwrite the input file")
+    if path.is_dir():
+        raise ModelSqueezeError(f"{path}: is a directory, give an output file name")
+    if path.exists() and not force:
+        raise ModelSqueezeError(f"{path}: already exists (use --force to overwrite)")
+    if not path.parent.exists():
+        raise ModelSqueezeError(f"{path}: folder {path.parent} does not exist")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def model_to_bytes(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString(deterministic=True)
+
+
+def save_model(model: onnx.ModelProto, path: Path, limit_bytes: int = PROTOBUF_LIMIT_BYTES) -> None:
+    """Write atomically. A model too big for one protobuf keeps its tensors in `NAME.data` beside it."""
+    path = Path(path)
+    if tensor_bytes(model) < limit_bytes:
+        atomic_write_bytes(path, model_to_bytes(model))
+        return
+    data_name = f"{path.name}.data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+        tmp_model = Path(tmp_dir) / path.name
+        onnx.save_model(
+            model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_name, size_threshold=1024,
+        )
+        os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
