@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` (compress and report a sample model) and `make test`.
+# Everything runs in a local virtualenv (.venv) that these targets create on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+OUT := out
+
+.PHONY: install test demo sample-models bench fuzz clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	@mkdir -p $(OUT)
+	$(BIN)/modelsqueeze report sample_models/lenet300.onnx --data sample_models/lenet300.npz
+	$(BIN)/modelsqueeze eval sample_models/lenet300.onnx --data sample_models/lenet300.npz
+	$(BIN)/modelsqueeze report sample_models/lenet5.onnx --data sample_models/lenet5.npz --markdown
+
+# Retrain the sample models (needs torch, installed from the local wheel by the `train` extra).
+sample-models: install
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(PY) sample_models/train.py
+
+bench: install
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/bench_sidecar.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .hypothesis
