@@ -425,8 +425,11 @@ def model_to_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def save_model(model: onnx.ModelProto, path: Path, limit_bytes: int = PROTOBUF_LIMIT_BYTES) -> None:
-    """Write atomically. A model too big for one protobuf keeps its tensors in `NAME.data` beside it."""
+def save_model(
+    model: onnx.ModelProto, path: Path, limit_bytes: int = PROTOBUF_LIMIT_BYTES, inline_below_bytes: int = 1024
+) -> None:
+    """Write atomically. A model too big for one protobuf keeps its tensors of `inline_below_bytes`
+    or more in `NAME.data` beside it."""
     path = Path(path)
     if tensor_bytes(model) < limit_bytes:
         atomic_write_bytes(path, model_to_bytes(model))
@@ -436,7 +439,8 @@ def save_model(model: onnx.ModelProto, path: Path, limit_bytes: int = PROTOBUF_L
         tmp_model = Path(tmp_dir) / path.name
         onnx.save_model(
             model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_name, size_threshold=1024,
+            location=data_name, size_threshold=inline_below_bytes,
         )
-        os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
+        if (Path(tmp_dir) / data_name).exists():
+            os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
