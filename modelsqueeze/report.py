@@ -1,0 +1,256 @@
+"""Statistics of a model (and its sidecar): per-tensor and total sizes, sparsity, unique values,
+bits per weight, ratios and accuracy, rendered as a rich table, JSON or Markdown; CI thresholds."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.model import (
+    find_weights,
+    iter_all_tensors,
+    load_model,
+    model_to_bytes,
+    parse_model,
+    read_model_bytes,
+    uses_external_data,
+)
+from modelsqueeze.pack import Pair, skeleton
+
+
+@dataclass
+class TensorRow:
+    name: str
+    ops: str
+    role: str
+    shape: list[int]
+    params: int
+    dtype: str
+    kind: str  # how it is stored: dense / sparse_initializer in the graph, or the sidecar record kind
+    sparsity: float
+    unique_values: int
+    original_bytes: int
+    stored_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.stored_bytes / self.params if self.params else 0.0
+
+
+@dataclass
+class Report:
+    model: str
+    sidecar: str | None
+    tensors: list[TensorRow]
+    onnx_bytes: int  # the graph file as written (plus any external data files)
+    sidecar_bytes: int
+    packed_bytes: int  # skeleton + sidecar: what a user ships
+    gzip_bytes: int  # gzip -9 of what a user ships, to compare with other tools' figures
+    baseline: str | None = None
+    baseline_bytes: int | None = None
+    baseline_gzip_bytes: int | None = None
+    accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.baseline_bytes / self.packed_bytes if self.baseline_bytes and self.packed_bytes else None
+
+    @property
+    def drop_pp(self) -> float | None:
+        if self.accuracy is None or self.baseline_accuracy is None:
+            return None
+        return 100.0 * (self.baseline_accuracy - self.accuracy)
+
+    def totals(self) -> dict[str, float]:
+        params = sum(t.params for t in self.tensors)
+        stored = sum(t.stored_bytes for t in self.tensors)
+        zeros = sum(t.sparsity * t.params for t in self.tensors)
+        return {
+            "params": params,
+            "original_bytes": sum(t.original_bytes for t in self.tensors),
+            "stored_bytes": stored,
+            "sparsity": zeros / params if params else 0.0,
+            "bits_per_weight": 8.0 * stored / params if params else 0.0,
+        }
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for row, obj in zip(data["tensors"], self.tensors):
+            row["bits_per_weight"] = obj.bits_per_weight
+        data.update(totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, ok=not self.failures)
+        return data
+
+
+def file_bytes(path: Path, model=None) -> int:
+    """Bytes on disk of a model file plus the external data files it names."""
+    total = path.stat().st_size
+    if model is not None:
+        locations = set()
+        for tensor in iter_all_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+        total += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    return total
+
+
+def _gzip_size(*blobs: bytes) -> int:
+    return sum(len(gzip.compress(blob, compresslevel=9, mtime=0)) for blob in blobs)
+
+
+def _external_model(path: Path):
+    model = parse_model(read_model_bytes(path), path)
+    return model if any(uses_external_data(t) for t in iter_all_tensors(model)) else None
+
+
+def tensor_rows(pair: Pair) -> list[TensorRow]:
+    records = pair.records
+    record_bytes = pair.sidecar.record_bytes if pair.sidecar else {}
+    rows = []
+    for info in find_weights(pair.model):
+        array = info.array()
+        record = records.get(info.key)
+        if record is not None:
+            kind, stored = f"msq:{record.kind}", record_bytes[info.key]
+        elif info.source == "sparse_initializer":
+            kind = "sparse_initializer"
+            stored = info.proto.values.ByteSize() + info.proto.indices.ByteSize()
+        else:
+            kind, stored = "dense", array.nbytes
+        rows.append(
+            TensorRow(
+                name=info.key, ops=info.ops, role=info.role, shape=list(info.shape), params=info.n_params,
+                dtype=info.dtype, kind=kind,
+                sparsity=float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0,
+                unique_values=int(np.unique(array).size), original_bytes=int(array.nbytes), stored_bytes=int(stored),
+            )
+        )
+    return rows
+
+
+def build_report(pair: Pair, baseline: Path | None = None) -> Report:
+    """Sizes of `pair` (and of `baseline`, when given). Accuracy is filled in by the caller."""
+    records = list(pair.records.values())
+    side_bytes = pair.sidecar_path.stat().st_size if pair.sidecar_path else 0
+    if pair.sidecar:
+        bare = model_to_bytes(skeleton(pair.model, records))
+        side_data = pair.sidecar_path.read_bytes()
+        packed, gz = len(bare) + side_bytes, _gzip_size(bare, side_data)
+        onnx_bytes = pair.path.stat().st_size
+    else:
+        onnx_bytes = file_bytes(pair.path, _external_model(pair.path))
+        packed, gz = onnx_bytes, _gzip_size(model_to_bytes(pair.model))
+    report = Report(
+        model=str(pair.path), sidecar=str(pair.sidecar_path) if pair.sidecar_path else None,
+        tensors=tensor_rows(pair), onnx_bytes=onnx_bytes, sidecar_bytes=side_bytes,
+        packed_bytes=packed, gzip_bytes=gz,
+    )
+    if baseline is not None:
+        base_model = load_model(baseline)
+        report.baseline = str(baseline)
+        report.baseline_bytes = file_bytes(Path(baseline), base_model)
+        report.baseline_gzip_bytes = _gzip_size(model_to_bytes(base_model))
+    return report
+
+
+def check_thresholds(report: Report, max_bytes: int | None, min_ratio: float | None, max_drop: float | None) -> list[str]:
+    """The CI gate: one message per threshold that failed."""
+    failures = []
+    if max_bytes is not None and report.packed_bytes > max_bytes:
+        failures.append(f"packed size {report.packed_bytes:,} B exceeds --max-bytes {max_bytes:,} B")
+    if min_ratio is not None:
+        if report.ratio is None:
+            raise ModelSqueezeError("--min-ratio needs --baseline ORIGINAL.onnx to compute a ratio")
+        if report.ratio < min_ratio:
+            failures.append(f"ratio {report.ratio:.2f}x is below --min-ratio {min_ratio:g}x")
+    if max_drop is not None:
+        if report.drop_pp is None:
+            raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx")
+        if report.drop_pp > max_drop:
+            failures.append(
+                f"accuracy dropped {report.drop_pp:.2f} pp ({100 * report.baseline_accuracy:.2f}% -> "
+                f"{100 * report.accuracy:.2f}%), more than --max-drop {max_drop:g} pp"
+            )
+    report.failures = failures
+    return failures
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _summary_lines(report: Report) -> list[tuple[str, str]]:
+    lines = [("ONNX file", f"{_fmt_bytes(report.onnx_bytes)} B")]
+    if report.sidecar:
+        lines.append(("sidecar", f"{_fmt_bytes(report.sidecar_bytes)} B"))
+    lines.append(("packed (skeleton + sidecar)", f"{_fmt_bytes(report.packed_bytes)} B"))
+    lines.append(("gzip -9 of packed", f"{_fmt_bytes(report.gzip_bytes)} B"))
+    if report.baseline:
+        lines.append(("baseline", f"{_fmt_bytes(report.baseline_bytes)} B ({report.baseline})"))
+        lines.append(("gzip -9 of baseline", f"{_fmt_bytes(report.baseline_gzip_bytes)} B"))
+        lines.append(("ratio", f"{report.ratio:.2f}x"))
+    if report.accuracy is not None:
+        lines.append(("accuracy", f"{100 * report.accuracy:.2f}%"))
+    if report.baseline_accuracy is not None:
+        lines.append(("baseline accuracy", f"{100 * report.baseline_accuracy:.2f}%"))
+        lines.append(("drop", f"{report.drop_pp:+.2f} pp"))
+    return lines
+
+
+_COLUMNS = ["tensor", "op", "shape", "params", "dtype", "stored as", "sparsity", "unique", "bits/w", "bytes orig → stored"]
+
+
+def _row_cells(t: TensorRow) -> list[str]:
+    return [
+        t.name, t.ops, "×".join(map(str, t.shape)) or "scalar", f"{t.params:,}", t.dtype, t.kind,
+        f"{100 * t.sparsity:.1f}%", f"{t.unique_values:,}", f"{t.bits_per_weight:.2f}",
+        f"{t.original_bytes:,} → {t.stored_bytes:,}",
+    ]
+
+
+def _total_cells(report: Report) -> list[str]:
+    tot = report.totals()
+    return [
+        "total", "", "", f"{tot['params']:,}", "", "", f"{100 * tot['sparsity']:.1f}%", "",
+        f"{tot['bits_per_weight']:.2f}", f"{tot['original_bytes']:,} → {tot['stored_bytes']:,}",
+    ]
+
+
+def rich_table(report: Report) -> Table:
+    table = Table(title=f"{report.model}", show_footer=False)
+    for col in _COLUMNS:
+        table.add_column(col, justify="right" if col in ("params", "sparsity", "unique", "bits/w") else "left")
+    for t in report.tensors:
+        table.add_row(*_row_cells(t))
+    table.add_section()
+    table.add_row(*_total_cells(report), style="bold")
+    return table
+
+
+def summary_table(report: Report) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in _summary_lines(report):
+        table.add_row(key, value)
+    return table
+
+
+def markdown(report: Report) -> str:
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"### {report.model}", "", row(_COLUMNS), row(["---"] * len(_COLUMNS))]
+    lines += [row(_row_cells(t)) for t in report.tensors]
+    lines += [row([f"**{c}**" if c else "" for c in _total_cells(report)]), ""]
+    lines += [row(["", ""]).replace("|  |  |", "| measure | value |"), "| --- | --- |"]
+    lines += [row([k, v]) for k, v in _summary_lines(report)]
+    lines += [f"\n**FAILED:** {f}" for f in report.failures]
+    return "\n".join(lines) + "\n"
