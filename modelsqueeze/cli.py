@@ -37,7 +37,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-out = Console(soft_wrap=True)
+# Piped output (CI logs, files) has no terminal width; give tables room instead of rich's 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model (its sidecar NAME.msq beside it is read too).", show_default=False)]
@@ -156,7 +157,8 @@ def eval_command(
     if as_json:
         _print_json(result)
         return
-    table = Table(show_header=False, box=None, title=f"eval {model} on {source}", title_justify="left")
+    out.print(f"[bold]eval[/] {model} on {source}", highlight=False)
+    table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("samples", str(result["samples"]))

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from modelsqueeze.errors import ModelSqueezeError
@@ -224,9 +225,10 @@ def _total_cells(report: Report) -> list[str]:
 
 
 def rich_table(report: Report) -> Table:
-    table = Table(title=f"{report.model}", show_footer=False)
+    table = Table(title=f"{report.model}", title_justify="left", box=box.SIMPLE_HEAD)
     for col in _COLUMNS:
-        table.add_column(col, justify="right" if col in ("params", "sparsity", "unique", "bits/w") else "left")
+        right = col in ("params", "sparsity", "unique", "bits/w")
+        table.add_column(col, justify="right" if right else "left", no_wrap=col != "bytes orig → stored")
     for t in report.tensors:
         table.add_row(*_row_cells(t))
     table.add_section()
