@@ -1,0 +1,405 @@
+"""The sidecar container `OUT.msq`: CompressedTensor records to bytes and back (spec: docs/FORMAT.md).
+
+The reader checks every length, offset and checksum before it allocates, and names the bad record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from modelsqueeze.codecs import get_codec, int_param
+from modelsqueeze.codecs.sparse import smaller_form
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.tensor import CompressedTensor
+
+MAGIC = b"\x89MSQ\r\n\x1a\n"  # PNG-style: catches 7-bit transfers, CRLF/LF conversion and `type` on DOS
+VERSION = 1
+GRAPH_HASH_BYTES = 32
+ALIGN_BYTES = 8
+MAX_META_BYTES = 1 << 20
+# Anything larger than this many elements cannot be a real tensor and would overflow int64 arithmetic.
+MAX_ELEMENTS = 1 << 62
+
+_HEADER = struct.Struct("<8sIIQ32sII")  # magic, version, record_count, file_size, graph_hash, reserved, crc
+_RECORD = struct.Struct("<4sIQII")  # magic, meta_len, payload_len, crc, reserved
+RECORD_MAGIC = b"MSQR"
+HEADER_BYTES = _HEADER.size
+RECORD_HEADER_BYTES = _RECORD.size
+_MIN_RECORD_BYTES = RECORD_HEADER_BYTES + ALIGN_BYTES  # a record's meta is at least `{}`
+
+ROLES = ("positions", "values", "codebook", "indices")  # the order of a record's streams
+DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack"}  # positions: the smaller form
+_POSITION_FORMS = ("bitmap", "gaps")
+_KIND_ROLES = {
+    "raw": ("values",),
+    "codebook": ("codebook", "indices"),
+    "sparse+raw": ("positions", "values"),
+    "sparse+codebook": ("positions", "codebook", "indices"),
+}
+_META_KEYS = {"name", "dtype", "shape", "kind", "streams"}
+_STREAM_KEYS = {"role", "codec", "count", "offset", "length"}
+
+
+class SidecarError(ModelSqueezeError):
+    """A sidecar that cannot be written or read; the message names the file and the record."""
+
+
+@dataclass(frozen=True, eq=False)
+class Sidecar:
+    """A decoded sidecar. Arrays are read-only views of the bytes it was decoded from (no copies)."""
+
+    version: int
+    graph_hash: bytes
+    records: dict[str, CompressedTensor]
+    record_bytes: dict[str, int]  # per tensor: bytes on disk, record header and padding included
+    stream_bytes: dict[str, dict[str, int]]  # per tensor, per role: the stream's bytes, padding excluded
+
+
+def _pad(n_bytes: int) -> int:
+    return -n_bytes % ALIGN_BYTES
+
+
+def _aligned(n_bytes: int) -> int:
+    return n_bytes + _pad(n_bytes)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _streams_of(record: CompressedTensor) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+    """(role, array, encoder hints) for each part the record has, in ROLES order."""
+    streams = []
+    if record.positions is not None:
+        streams.append(("positions", record.positions, {"size": record.n_params}))
+    if record.values is not None:
+        streams.append(("values", record.values, {"dtype": record.dtype}))
+    if record.codebook is not None:
+        if record.codebook.ndim != 1:
+            raise SidecarError(f"tensor {record.name!r}: the codebook must be 1-D, got shape {record.codebook.shape}")
+        streams.append(("codebook", record.codebook, {"dtype": record.codebook.dtype.name}))
+        streams.append(("indices", record.indices, {"bits": record.index_bits}))
+    return streams
+
+
+def _codec_key(record: CompressedTensor, role: str, array: np.ndarray) -> str:
+    if role in record.stream_codecs:
+        return record.stream_codecs[role]
+    if role == "positions":
+        return smaller_form(array, record.n_params)
+    return DEFAULT_CODECS[role]
+
+
+def _encode_record(record: CompressedTensor) -> list[bytes]:
+    """The record's bytes as a list of chunks: header, meta, padding, streams with their padding."""
+    streams = _streams_of(record)
+    unknown_roles = set(record.stream_codecs) - {role for role, _, _ in streams}
+    if unknown_roles:
+        raise SidecarError(f"tensor {record.name!r}: stream_codecs names roles it does not have: {sorted(unknown_roles)}")
+    descriptors, payload = [], []
+    payload_len = 0
+    for role, array, hints in streams:
+        key = _codec_key(record, role, array)
+        try:
+            data, params = get_codec(key).encode(array, **hints)
+        except ModelSqueezeError as exc:
+            raise SidecarError(f"tensor {record.name!r}: stream {role!r} ({key}): {exc}") from None
+        descriptors.append(
+            {"role": role, "codec": key, "count": int(array.size), "offset": payload_len, "length": len(data), **params}
+        )
+        payload += [data, bytes(_pad(len(data)))]
+        payload_len += _aligned(len(data))
+    meta = {"name": record.name, "dtype": record.dtype, "shape": list(record.shape), "kind": record.kind}
+    if record.codebook is not None:
+        meta["index_bits"] = record.index_bits
+    meta["streams"] = descriptors
+    try:
+        meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SidecarError(f"tensor {record.name!r}: the name is not valid Unicode text ({exc.reason})") from None
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise SidecarError(f"tensor {record.name!r}: its metadata takes {len(meta_bytes)} bytes, over the 1 MiB limit")
+    body = [meta_bytes, bytes(_pad(len(meta_bytes))), *payload]
+    crc = 0
+    for chunk in body:
+        crc = zlib.crc32(chunk, crc)
+    return [_RECORD.pack(RECORD_MAGIC, len(meta_bytes), payload_len, crc, 0), *body]
+
+
+def record_size(record: CompressedTensor) -> int:
+    """Bytes `record` takes in a sidecar, record header and padding included."""
+    return sum(len(chunk) for chunk in _encode_record(record))
+
+
+def encode_sidecar(records: Sequence[CompressedTensor], graph_hash: bytes) -> bytes:
+    """The sidecar holding `records` in order, bound to the graph whose SHA-256 is `graph_hash`.
+
+    Deterministic: the same records and hash always give the same bytes.
+    """
+    if not isinstance(graph_hash, (bytes, bytearray)) or len(graph_hash) != GRAPH_HASH_BYTES:
+        raise SidecarError(f"the graph hash must be {GRAPH_HASH_BYTES} bytes (a SHA-256 digest)")
+    seen: set[str] = set()
+    chunks: list[bytes] = []
+    for record in records:
+        if record.name in seen:
+            raise SidecarError(f"tensor {record.name!r} appears twice in one sidecar")
+        seen.add(record.name)
+        chunks += _encode_record(record)
+    file_size = HEADER_BYTES + sum(len(chunk) for chunk in chunks)
+    header = _HEADER.pack(MAGIC, VERSION, len(seen), file_size, bytes(graph_hash), 0, 0)[:-4]
+    return b"".join([header, struct.pack("<I", zlib.crc32(header)), *chunks])
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _where(source: str, index: int, name: str | None) -> str:
+    return f"{source}: record {index}" + (f" ({name!r})" if name is not None else "")
+
+
+def _peek_name(meta_bytes: bytes | memoryview) -> str | None:
+    """The tensor name in possibly corrupt meta, for error messages only."""
+    try:
+        meta = json.loads(bytes(meta_bytes).decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _locate_cut(data: memoryview, index: int = 0, offset: int = HEADER_BYTES) -> tuple[int, str | None]:
+    """In a truncated file, the first record that does not fit (index, name if its meta survived)."""
+    while offset + RECORD_HEADER_BYTES <= len(data):
+        _, meta_len, payload_len, _, _ = _RECORD.unpack_from(data, offset)
+        meta_start = offset + RECORD_HEADER_BYTES
+        end = meta_start + _aligned(meta_len) + _aligned(payload_len)
+        if end > len(data):
+            fits = meta_len <= MAX_META_BYTES and meta_start + meta_len <= len(data)
+            return index, _peek_name(data[meta_start : meta_start + meta_len]) if fits else None
+        index, offset = index + 1, end
+    return index, None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key in {keys}")
+    return dict(pairs)
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not allowed")
+
+
+def _is_dim(value: Any) -> bool:
+    # Each dimension is bounded on its own too, so the product is cheap and fits int64 even with a 0 beside it.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ELEMENTS
+
+
+def _parse_meta(meta_bytes: memoryview) -> dict[str, Any]:
+    """The record's JSON meta, checked for the top-level shape; raises ModelSqueezeError."""
+    try:
+        meta = json.loads(
+            bytes(meta_bytes).decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise ModelSqueezeError(f"metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelSqueezeError("metadata is not a JSON object")
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in _KIND_ROLES:
+        raise ModelSqueezeError(f"unknown record kind {kind!r}; expected one of {', '.join(_KIND_ROLES)}")
+    expected_keys = _META_KEYS | ({"index_bits"} if "codebook" in _KIND_ROLES[kind] else set())
+    if set(meta) != expected_keys:
+        raise ModelSqueezeError(f"a {kind} record's metadata keys are {sorted(meta)}, expected {sorted(expected_keys)}")
+    if not isinstance(meta["name"], str) or not isinstance(meta["dtype"], str):
+        raise ModelSqueezeError("metadata 'name' and 'dtype' must be strings")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+        raise ModelSqueezeError(f"shape {shape!r} is not a list of non-negative integers")
+    if math.prod(shape) >= MAX_ELEMENTS:
+        raise ModelSqueezeError(f"shape {shape} has too many elements")
+    if not isinstance(meta["streams"], list) or not all(isinstance(s, dict) for s in meta["streams"]):
+        raise ModelSqueezeError("metadata 'streams' must be a list of objects")
+    return meta
+
+
+def _check_layout(meta: dict[str, Any], payload: memoryview) -> None:
+    """Streams are the kind's roles in order, back to back at 8-byte alignment, padding zero, nothing else."""
+    roles = tuple(stream.get("role") for stream in meta["streams"])
+    expected_roles = _KIND_ROLES[meta["kind"]]
+    if roles != expected_roles:
+        raise ModelSqueezeError(f"a {meta['kind']} record has streams {list(expected_roles)}, found {list(roles)}")
+    offset = 0
+    for stream in meta["streams"]:
+        role = stream["role"]
+        try:
+            codec = get_codec(stream.get("codec"))
+        except ModelSqueezeError as exc:
+            raise ModelSqueezeError(f"stream {role!r}: {exc}") from None
+        if set(stream) != _STREAM_KEYS | set(codec.param_names):
+            raise ModelSqueezeError(
+                f"stream {role!r}: keys {sorted(stream)}, expected {sorted(_STREAM_KEYS | set(codec.param_names))}"
+            )
+        try:
+            int_param(stream, "count", 0)
+            start = int_param(stream, "offset", 0)
+            length = int_param(stream, "length", 0)
+        except ModelSqueezeError as exc:
+            raise ModelSqueezeError(f"stream {role!r}: {exc}") from None
+        if start != offset or start + length > len(payload):
+            raise ModelSqueezeError(
+                f"stream {role!r}: bytes {start}..{start + length} are not where the layout puts them "
+                f"(offset {offset}) or outside the {len(payload)}-byte payload"
+            )
+        if any(payload[start + length : start + _aligned(length)]):
+            raise ModelSqueezeError(f"stream {role!r}: non-zero padding")
+        offset = start + _aligned(length)
+    if offset != len(payload):
+        raise ModelSqueezeError(f"the streams cover {offset} bytes of a {len(payload)}-byte payload")
+
+
+def _decode_streams(meta: dict[str, Any], payload: memoryview) -> dict[str, np.ndarray]:
+    arrays = {}
+    for stream in meta["streams"]:
+        role, count, start = stream["role"], stream["count"], stream["offset"]
+        params = {key: value for key, value in stream.items() if key not in _STREAM_KEYS}
+        try:
+            array = get_codec(stream["codec"]).decode(payload[start : start + stream["length"]], count, params)
+        except ModelSqueezeError as exc:
+            raise ModelSqueezeError(f"stream {role!r} ({stream['codec']}): {exc}") from None
+        if array.ndim != 1 or array.size != count:
+            raise ModelSqueezeError(f"stream {role!r}: decoded {array.shape}, the descriptor says {count} values")
+        if role in ("positions", "indices") and not np.issubdtype(array.dtype, np.integer):
+            raise ModelSqueezeError(f"stream {role!r}: decoded {array.dtype}, expected integers")
+        if role == "positions":
+            if "size" in params and params["size"] != math.prod(meta["shape"]):
+                raise ModelSqueezeError(f"stream 'positions': size {params['size']} differs from the tensor's")
+            # Signed, so the record's sortedness check cannot be fooled by unsigned wrap-around.
+            array = array.astype(np.int64, copy=False)
+        arrays[role] = array
+    return arrays
+
+
+def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[CompressedTensor, dict[str, int]]:
+    meta = _parse_meta(meta_bytes)
+    _check_layout(meta, payload)
+    arrays = _decode_streams(meta, payload)
+    non_default = {
+        stream["role"]: stream["codec"]
+        for stream in meta["streams"]
+        if stream["codec"] != DEFAULT_CODECS.get(stream["role"]) and stream["codec"] not in _POSITION_FORMS
+    }
+    index_bits = meta.get("index_bits", 0)
+    if "index_bits" in meta:
+        int_param(meta, "index_bits", 1, 16)
+    record = CompressedTensor(
+        name=meta["name"],
+        shape=tuple(meta["shape"]),
+        dtype=meta["dtype"],
+        values=arrays.get("values"),
+        codebook=arrays.get("codebook"),
+        indices=arrays.get("indices"),
+        index_bits=index_bits,
+        positions=arrays.get("positions"),
+        stream_codecs=non_default,
+    )
+    return record, {stream["role"]: stream["length"] for stream in meta["streams"]}
+
+
+def _check_header(data: memoryview, source: str) -> tuple[int, int, bytes]:
+    """(record_count, file_size, graph_hash) from a header that passed every check."""
+    if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
+        raise SidecarError(f"{source}: file is truncated ({len(data)} bytes; the header alone is {HEADER_BYTES})")
+    if bytes(data[: len(MAGIC)]) != MAGIC:
+        raise SidecarError(f"{source}: not a modelsqueeze sidecar (bad magic {bytes(data[:8])!r})")
+    if len(data) >= 12:
+        (version,) = struct.unpack_from("<I", data, 8)
+        if version != VERSION:
+            raise SidecarError(f"sidecar {source} is format version {version}; this modelsqueeze reads version {VERSION}")
+    if len(data) < HEADER_BYTES:
+        raise SidecarError(f"{source}: file is truncated ({len(data)} bytes; the header alone is {HEADER_BYTES})")
+    _, _, record_count, file_size, graph_hash, reserved, crc = _HEADER.unpack_from(data)
+    if zlib.crc32(data[: HEADER_BYTES - 4]) != crc:
+        raise SidecarError(f"{source}: header checksum mismatch (file is corrupt)")
+    if reserved != 0:
+        raise SidecarError(f"{source}: reserved header field is {reserved}, expected 0 (file is corrupt)")
+    if len(data) < file_size:
+        index, name = _locate_cut(data)
+        raise SidecarError(
+            f"{_where(source, index, name)}: file is truncated ({len(data)} of {file_size} bytes; "
+            f"this record and any after it are incomplete)"
+        )
+    if len(data) > file_size:
+        raise SidecarError(f"{source}: {len(data) - file_size} unexpected bytes after the last record")
+    if HEADER_BYTES + record_count * _MIN_RECORD_BYTES > file_size:
+        raise SidecarError(f"{source}: header claims {record_count} records, too many for {file_size} bytes")
+    return record_count, file_size, graph_hash
+
+
+def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>") -> Sidecar:
+    """The records in sidecar `data`; every inconsistency is a SidecarError naming `source` and the record."""
+    data = memoryview(data).cast("B")
+    record_count, file_size, graph_hash = _check_header(data, source)
+    records: dict[str, CompressedTensor] = {}
+    record_bytes: dict[str, int] = {}
+    stream_bytes: dict[str, dict[str, int]] = {}
+    offset = HEADER_BYTES
+    for index in range(record_count):
+        where = _where(source, index, None)
+        if offset + RECORD_HEADER_BYTES > file_size:
+            raise SidecarError(f"{where}: starts at byte {offset}, past the end of the file (file is corrupt)")
+        magic, meta_len, payload_len, crc, reserved = _RECORD.unpack_from(data, offset)
+        if magic != RECORD_MAGIC or reserved != 0:
+            raise SidecarError(f"{where}: bad record header at byte {offset} (file is corrupt)")
+        if meta_len > MAX_META_BYTES:
+            raise SidecarError(f"{where}: metadata length {meta_len} is over the 1 MiB limit (file is corrupt)")
+        meta_start = offset + RECORD_HEADER_BYTES
+        payload_start = meta_start + _aligned(meta_len)
+        end = payload_start + payload_len
+        if payload_len % ALIGN_BYTES or end > file_size:
+            raise SidecarError(f"{where}: payload of {payload_len} bytes does not fit the file (file is corrupt)")
+        meta_bytes = data[meta_start : meta_start + meta_len]
+        name = _peek_name(meta_bytes)
+        where = _where(source, index, name)
+        if zlib.crc32(data[meta_start:end]) != crc:
+            raise SidecarError(f"{where}: checksum mismatch (file is corrupt)")
+        if any(data[meta_start + meta_len : payload_start]):
+            raise SidecarError(f"{where}: non-zero padding after the metadata (file is corrupt)")
+        try:
+            record, lengths = _decode_record(meta_bytes, data[payload_start:end])
+        except ModelSqueezeError as exc:
+            detail = str(exc).removeprefix(f"tensor {name!r}: ")
+            raise SidecarError(f"{where}: {detail}") from None
+        if record.name in records:
+            raise SidecarError(f"{where}: a second record for the same tensor")
+        records[record.name] = record
+        record_bytes[record.name] = end - offset
+        stream_bytes[record.name] = lengths
+        offset = end
+    if offset != file_size:
+        raise SidecarError(f"{source}: {file_size - offset} bytes after the last record belong to no record")
+    return Sidecar(VERSION, bytes(graph_hash), records, record_bytes, stream_bytes)
+
+
+def read_sidecar(path: str | Path) -> Sidecar:
+    """Read and decode the sidecar file at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise SidecarError(f"{path} is a directory, not a sidecar file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SidecarError(f"sidecar {path} not found") from None
+    except OSError as exc:
+        raise SidecarError(f"cannot read sidecar {path}: {exc.strerror or exc}") from None
+    return decode_sidecar(data, source=str(path))
