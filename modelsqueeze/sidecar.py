@@ -11,7 +11,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,7 +35,6 @@ HEADER_BYTES = _HEADER.size
 RECORD_HEADER_BYTES = _RECORD.size
 _MIN_RECORD_BYTES = RECORD_HEADER_BYTES + ALIGN_BYTES  # a record's meta is at least `{}`
 
-ROLES = ("positions", "values", "codebook", "indices")  # the order of a record's streams
 DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack"}  # positions: the smaller form
 _POSITION_FORMS = ("bitmap", "gaps")
 _KIND_ROLES = {
@@ -75,7 +74,7 @@ def _aligned(n_bytes: int) -> int:
 
 
 def _streams_of(record: CompressedTensor) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
-    """(role, array, encoder hints) for each part the record has, in ROLES order."""
+    """(role, array, encoder hints) for each part the record has, in the order of _KIND_ROLES."""
     streams = []
     if record.positions is not None:
         streams.append(("positions", record.positions, {"size": record.n_params}))
@@ -102,7 +101,9 @@ def _encode_record(record: CompressedTensor) -> list[bytes]:
     streams = _streams_of(record)
     unknown_roles = set(record.stream_codecs) - {role for role, _, _ in streams}
     if unknown_roles:
-        raise SidecarError(f"tensor {record.name!r}: stream_codecs names roles it does not have: {sorted(unknown_roles)}")
+        raise SidecarError(
+            f"tensor {record.name!r}: stream_codecs names roles it does not have: {sorted(unknown_roles)}"
+        )
     descriptors, payload = [], []
     payload_len = 0
     for role, array, hints in streams:
@@ -174,8 +175,9 @@ def _peek_name(meta_bytes: bytes | memoryview) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _locate_cut(data: memoryview, index: int = 0, offset: int = HEADER_BYTES) -> tuple[int, str | None]:
+def _locate_cut(data: memoryview) -> tuple[int, str | None]:
     """In a truncated file, the first record that does not fit (index, name if its meta survived)."""
+    index, offset = 0, HEADER_BYTES
     while offset + RECORD_HEADER_BYTES <= len(data):
         _, meta_len, payload_len, _, _ = _RECORD.unpack_from(data, offset)
         meta_start = offset + RECORD_HEADER_BYTES
@@ -230,6 +232,8 @@ def _parse_meta(meta_bytes: memoryview) -> dict[str, Any]:
         raise ModelSqueezeError(f"shape {shape} has too many elements")
     if not isinstance(meta["streams"], list) or not all(isinstance(s, dict) for s in meta["streams"]):
         raise ModelSqueezeError("metadata 'streams' must be a list of objects")
+    if "index_bits" in meta:
+        int_param(meta, "index_bits", 1, 16)
     return meta
 
 
@@ -299,9 +303,6 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
         for stream in meta["streams"]
         if stream["codec"] != DEFAULT_CODECS.get(stream["role"]) and stream["codec"] not in _POSITION_FORMS
     }
-    index_bits = meta.get("index_bits", 0)
-    if "index_bits" in meta:
-        int_param(meta, "index_bits", 1, 16)
     record = CompressedTensor(
         name=meta["name"],
         shape=tuple(meta["shape"]),
@@ -309,7 +310,7 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
         values=arrays.get("values"),
         codebook=arrays.get("codebook"),
         indices=arrays.get("indices"),
-        index_bits=index_bits,
+        index_bits=meta.get("index_bits", 0),
         positions=arrays.get("positions"),
         stream_codecs=non_default,
     )
@@ -325,7 +326,9 @@ def _check_header(data: memoryview, source: str) -> tuple[int, int, bytes]:
     if len(data) >= 12:
         (version,) = struct.unpack_from("<I", data, 8)
         if version != VERSION:
-            raise SidecarError(f"sidecar {source} is format version {version}; this modelsqueeze reads version {VERSION}")
+            raise SidecarError(
+                f"sidecar {source} is format version {version}; this modelsqueeze reads version {VERSION}"
+            )
     if len(data) < HEADER_BYTES:
         raise SidecarError(f"{source}: file is truncated ({len(data)} bytes; the header alone is {HEADER_BYTES})")
     _, _, record_count, file_size, graph_hash, reserved, crc = _HEADER.unpack_from(data)

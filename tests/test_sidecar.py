@@ -71,7 +71,8 @@ def split(data: bytes) -> list[tuple[dict, bytes]]:
         assert magic == b"MSQR" and offset % 8 == 0
         meta_start = offset + 24
         payload_start = meta_start + meta_len + (-meta_len % 8)
-        records.append((json.loads(data[meta_start : meta_start + meta_len]), data[payload_start : payload_start + payload_len]))
+        meta = json.loads(data[meta_start : meta_start + meta_len])
+        records.append((meta, data[payload_start : payload_start + payload_len]))
         offset = payload_start + payload_len
     assert offset == len(data)
     return records
@@ -81,7 +82,9 @@ def build(records: list[tuple[dict | bytes, bytes]], version: int = 1, graph_has
     """A sidecar with valid checksums around whatever meta and payload the test wants (an independent writer)."""
     body = b""
     for meta, payload in records:
-        meta_bytes = meta if isinstance(meta, bytes) else json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        if not isinstance(meta, bytes):
+            meta = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        meta_bytes = meta
         region = meta_bytes + bytes(-len(meta_bytes) % 8) + payload
         body += struct.pack("<4sIQII", b"MSQR", len(meta_bytes), len(payload), zlib.crc32(region), 0) + region
     header = struct.pack("<8sIIQ32sI", MAGIC, version, len(records), HEADER_BYTES + len(body), graph_hash, 0)
@@ -104,13 +107,13 @@ def sample_records() -> list[CompressedTensor]:
     ]
 
 
-def record_ranges(data: bytes) -> list[tuple[int, int, int, int]]:
-    """(record start, payload start, payload end, record end) for each record."""
+def payload_ranges(data: bytes) -> list[tuple[int, int]]:
+    """(payload start, payload end) of each record; a payload ends its record (it is padded already)."""
     ranges, offset = [], HEADER_BYTES
     while offset < len(data):
         _, meta_len, payload_len, _, _ = struct.unpack_from("<4sIQII", data, offset)
         payload_start = offset + 24 + meta_len + (-meta_len % 8)
-        ranges.append((offset, payload_start, payload_start + payload_len, payload_start + payload_len))
+        ranges.append((payload_start, payload_start + payload_len))
         offset = payload_start + payload_len
     return ranges
 
@@ -188,7 +191,8 @@ def test_positions_use_the_smaller_form_unless_a_codec_is_pinned():
     pinned = CompressedTensor(**{**vars(sparse_record), "stream_codecs": {"positions": "bitmap"}})
     data = encode_sidecar([pinned], GRAPH_HASH)
     ((meta, _),) = split(data)
-    assert meta["streams"][0] == {"role": "positions", "codec": "bitmap", "count": 21, "offset": 0, "length": 50, "size": 400}
+    expected = {"role": "positions", "codec": "bitmap", "count": 21, "offset": 0, "length": 50, "size": 400}
+    assert meta["streams"][0] == expected
     assert_same_record(decode_sidecar(data).records["fc1.weight"], sparse_record)
 
 
@@ -267,12 +271,12 @@ def decode_error(data: bytes) -> str:
 
 def test_every_truncation_is_an_error_naming_the_record():
     data = encode_sidecar(sample_records(), GRAPH_HASH)
-    ranges = record_ranges(data)
+    ranges = payload_ranges(data)
     for n_bytes in range(len(data)):
         message = decode_error(data[:n_bytes])
         assert message.startswith("x.msq") and "truncated" in message
         if n_bytes >= HEADER_BYTES:
-            index = next(i for i, (_, _, _, end) in enumerate(ranges) if end > n_bytes)
+            index = next(i for i, (_, end) in enumerate(ranges) if end > n_bytes)
             assert f"record {index}" in message
 
 
@@ -284,7 +288,7 @@ def test_every_flipped_byte_is_detected():
 
 def test_a_flipped_payload_byte_names_the_record():
     data = encode_sidecar(sample_records(), GRAPH_HASH)
-    for index, (_, payload_start, payload_end, _) in enumerate(record_ranges(data)):
+    for index, (payload_start, payload_end) in enumerate(payload_ranges(data)):
         name = sample_records()[index].name
         for offset in (payload_start, (payload_start + payload_end) // 2, payload_end - 1):
             corrupt = data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
