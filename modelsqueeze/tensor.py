@@ -6,6 +6,7 @@ A record holds whichever parts a tensor has (sparse positions, raw values, codeb
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -51,6 +52,11 @@ class CompressedTensor:
             pos = self.positions
             if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
                 raise ModelSqueezeError(f"tensor {self.name!r}: positions must be a 1-D integer array")
+            if pos.dtype != np.int64:  # unsigned diffs would wrap and hide unsorted positions
+                if pos.size and int(pos.max()) >= 2**63:
+                    raise ModelSqueezeError(f"tensor {self.name!r}: a position lies outside the tensor")
+                pos = pos.astype(np.int64)
+                object.__setattr__(self, "positions", pos)
             if pos.size and (pos[0] < 0 or pos[-1] >= self.n_params or np.any(np.diff(pos) <= 0)):
                 raise ModelSqueezeError(f"tensor {self.name!r}: positions must be sorted, unique and inside the tensor")
         stored = self.values if self.values is not None else self.indices
@@ -59,6 +65,8 @@ class CompressedTensor:
                 f"tensor {self.name!r}: {stored.size} stored entries, expected {n_stored} as a 1-D array"
             )
         if self.codebook is not None:
+            if self.codebook.ndim != 1:
+                raise ModelSqueezeError(f"tensor {self.name!r}: the codebook must be a 1-D array")
             k = self.codebook.size
             if not 1 <= self.index_bits <= 16 or k > (1 << self.index_bits):
                 raise ModelSqueezeError(
@@ -69,7 +77,7 @@ class CompressedTensor:
 
     @property
     def n_params(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: no silent overflow
 
     @property
     def n_stored(self) -> int:

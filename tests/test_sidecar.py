@@ -445,3 +445,13 @@ def test_read_sidecar_files(tmp_path):
 
 def test_errors_are_modelsqueeze_errors():
     assert issubclass(SidecarError, ModelSqueezeError)
+
+
+def test_record_rejects_unsorted_unsigned_positions_and_2d_codebook():
+    from modelsqueeze.errors import ModelSqueezeError
+
+    with pytest.raises(ModelSqueezeError, match="sorted"):
+        CompressedTensor("w", (8,), "float32", values=np.ones(2, np.float32), positions=np.array([5, 1], np.uint64))
+    with pytest.raises(ModelSqueezeError, match="1-D"):
+        CompressedTensor("w", (4,), "float32", codebook=np.ones((2, 1), np.float32),
+                         indices=np.zeros(4, np.uint8), index_bits=1)
