@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install test demo sample-models bench fuzz clean
+.PHONY: install test demo sample-models bench clean
 
 install: $(VENV)/.installed
 
