@@ -82,6 +82,15 @@ def _run(runner: Runner, feeds: dict, label: str, quiet: bool) -> list:
         return runner.run(feeds, advance)
 
 
+def _labelled_accuracy(model, label: str, arrays: dict, source: str, quiet: bool) -> float:
+    """Top-1 accuracy of `model` on labelled arrays (the shared path of report and --validate)."""
+    runner = Runner(model, label)
+    feeds, labels = split_data(arrays, runner, source)
+    if labels is None:
+        raise ModelSqueezeError(f"{source}: no `y` labels, so no accuracy")
+    return accuracy(_run(runner, feeds, label, quiet)[0], labels, source)
+
+
 def parse_size(text: str) -> int:
     """Bytes from '123', '1.5MB', '200KiB', '2G' (decimal K/M/G, binary KiB/MiB/GiB)."""
     units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -203,15 +212,9 @@ def report(
     result = build_report(pair, baseline)
     if data is not None:
         arrays = load_npz(data)
-        runner = Runner(pair.model, str(model))
-        feeds, labels = split_data(arrays, runner, str(data))
-        if labels is None:
-            raise ModelSqueezeError(f"{data}: no `y` labels, so no accuracy")
-        result.accuracy = accuracy(_run(runner, feeds, str(model), quiet)[0], labels, str(data))
+        result.accuracy = _labelled_accuracy(pair.model, str(model), arrays, str(data), quiet)
         if baseline is not None:
-            base_runner = Runner(load_pair(baseline).model, str(baseline))
-            base_feeds, _ = split_data(arrays, base_runner, str(data))
-            result.baseline_accuracy = accuracy(_run(base_runner, base_feeds, str(baseline), quiet)[0], labels, str(data))
+            result.baseline_accuracy = _labelled_accuracy(load_pair(baseline).model, str(baseline), arrays, str(data), quiet)
     failures = check_thresholds(result, limit, min_ratio, max_drop)
     if as_json:
         _print_json(result.to_dict())
