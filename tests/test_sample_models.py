@@ -49,6 +49,8 @@ def test_sample_model_accuracy(name, recorded):
     assert logits.shape == (len(data["y"]), 10)
     accuracy = float(np.mean(logits.argmax(axis=1) == data["y"]))
 
-    assert accuracy == pytest.approx(recorded[name]["accuracy"], abs=1e-9)
+    # The same computation as the training script's, but another onnxruntime build may round a
+    # borderline logit differently: allow one sample, no more.
+    assert accuracy == pytest.approx(recorded[name]["accuracy"], abs=1.01 / len(data["y"]))
     assert recorded[name]["n_test"] == len(data["y"])
     assert accuracy > floor
