@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-OUT := out
 
 .PHONY: install test demo sample-models bench clean
 
@@ -20,10 +19,9 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	@mkdir -p $(OUT)
 	$(BIN)/modelsqueeze report sample_models/lenet300.onnx --data sample_models/lenet300.npz
-	$(BIN)/modelsqueeze eval sample_models/lenet300.onnx --data sample_models/lenet300.npz
-	$(BIN)/modelsqueeze report sample_models/lenet5.onnx --data sample_models/lenet5.npz --markdown
+	@for m in lenet300 lenet5 lstm_digits tiny_transformer; do \
+	  $(BIN)/modelsqueeze eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
 
 # Retrain the sample models (needs torch, installed from the local wheel by the `train` extra).
 sample-models: install
