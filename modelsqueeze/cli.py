@@ -9,14 +9,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Iterator, Optional
 
+import numpy as np
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
-from modelsqueeze.pack import load_pair, unpack as unpack_pair
+from modelsqueeze.model import check_output, find_weights
+from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, sidecar_path, unpack as unpack_pair, write_pair
+from modelsqueeze.passes import LayerRule, Selection
+from modelsqueeze.passes.prune import PruneConfig, parse_nm, prune as run_prune
 from modelsqueeze.report import build_report, check_thresholds, markdown, rich_table, summary_table
 from modelsqueeze.validate import (
     Runner,
@@ -67,7 +72,7 @@ def handles_errors(command: Callable) -> Callable:
 @contextmanager
 def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr; `advance(n)` moves it. Silent when quiet."""
-    if quiet:
+    if quiet or not err.is_terminal:  # a bar in a log file is noise
         yield lambda n: None
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -225,6 +230,136 @@ def report(
         out.print(summary_table(result))
     if failures:
         raise CheckFailed("; ".join(failures))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforming commands share one runner: load the pair, run the pass, validate, write the pair.
+
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output model; its sidecar OUT.msq is written beside it.", show_default=False)]
+LayersOpt = Annotated[list[str], typer.Option("--layers", help="Only tensors whose name, or a consuming node's name, matches this glob (repeatable).")]
+ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Leave tensors matching this glob alone (repeatable).")]
+MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Leave tensors with fewer parameters alone.")]
+ValidateOpt = Annotated[Optional[Path], typer.Option("--validate", help="Labelled .npz: print accuracy before and after.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="With --validate: exit 1, writing nothing, if accuracy falls by more than PP percentage points.")]
+
+
+def _transform(
+    model: Path, output: Path, force: bool, apply: Callable, command: str,
+    validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool,
+) -> None:
+    """The shared life of a transforming command. Every refusal happens before anything is written."""
+    if max_drop is not None and validate is None:
+        raise ModelSqueezeError("--max-drop needs --validate DATA.npz")
+    if max_drop is not None and max_drop < 0:
+        raise ModelSqueezeError(f"--max-drop {max_drop}: must be 0 or more")
+    pair = load_pair(model)
+    for target in (output, sidecar_path(output)):
+        check_output(target, force, [model, sidecar_path(model)])
+    if output.suffix == SIDECAR_SUFFIX:
+        raise ModelSqueezeError(f"{output}: the output model must not end in {SIDECAR_SUFFIX}")
+    arrays = load_npz(validate) if validate is not None else None
+    with progress_bar(f"{command} {model.name}", 1, quiet) as advance:
+        result = apply(pair)
+        advance(1)
+    summary: dict = {"command": command, "input": str(model), "output": str(output), "sidecar": str(sidecar_path(output))}
+    if arrays is not None:
+        before = _labelled_accuracy(pair.model, str(model), arrays, str(validate), quiet)
+        after = _labelled_accuracy(result.model, str(output), arrays, str(validate), quiet)
+        summary.update(accuracy_before=before, accuracy_after=after, drop_pp=100 * (before - after))
+        if max_drop is not None and summary["drop_pp"] > max_drop:
+            raise CheckFailed(
+                f"accuracy fell {summary['drop_pp']:.2f} pp ({100 * before:.2f}% -> {100 * after:.2f}%), "
+                f"more than --max-drop {max_drop:g}; nothing written"
+            )
+    write_pair(result.model, list(result.records.values()), output, force, inputs=[model])
+    written = load_pair(output)
+    rows = _step_rows(pair, written, result.changed)
+    summary.update(
+        tensors=rows, notes=result.notes,
+        packed_bytes_before=packed_size(pair), packed_bytes_after=packed_size(written),
+    )
+    if as_json:
+        _print_json(summary)
+        return
+    _print_step(summary, quiet)
+
+
+def _step_rows(before, after, changed: list[str]) -> list[dict]:
+    old = {w.key: w for w in find_weights(before.model)}
+    new = {w.key: w for w in find_weights(after.model)}
+    record_bytes = after.sidecar.record_bytes if after.sidecar else {}
+    rows = []
+    for key in changed:
+        a, b = old.get(key), new[key]
+        old_array, new_array = (a.array() if a else None), b.array()
+        rows.append({
+            "name": key,
+            "shape_before": list(a.shape) if a else None, "shape_after": list(b.shape),
+            "sparsity_before": float(np.mean(old_array == 0)) if old_array is not None and old_array.size else 0.0,
+            "sparsity_after": float(np.mean(new_array == 0)) if new_array.size else 0.0,
+            "stored_bytes": int(record_bytes.get(key, new_array.nbytes)),
+            "bits_per_weight": 8.0 * record_bytes.get(key, new_array.nbytes) / max(new_array.size, 1),
+        })
+    return rows
+
+
+def _print_step(summary: dict, quiet: bool) -> None:
+    table = Table(box=box.SIMPLE_HEAD, title=f"{summary['command']} {summary['input']} → {summary['output']}", title_justify="left")
+    for col in ("tensor", "shape", "sparsity", "stored bytes", "bits/w"):
+        table.add_column(col, justify="left" if col in ("tensor", "shape") else "right", no_wrap=True)
+    for row in summary["tensors"]:
+        shape = "×".join(map(str, row["shape_after"]))
+        if row["shape_before"] and row["shape_before"] != row["shape_after"]:
+            shape = "×".join(map(str, row["shape_before"])) + " → " + shape
+        table.add_row(row["name"], shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%",
+                      f"{row['stored_bytes']:,}", f"{row['bits_per_weight']:.2f}")
+    out.print(table)
+    before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
+    out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x)  [skeleton + sidecar]", highlight=False)
+    if "accuracy_before" in summary:
+        out.print(f"accuracy {100 * summary['accuracy_before']:.2f}% → {100 * summary['accuracy_after']:.2f}% "
+                  f"({-summary['drop_pp']:+.2f} pp)", highlight=False)
+    if not quiet:
+        for note in summary["notes"]:
+            err.print(f"note: {note}", highlight=False)
+
+
+@app.command(epilog="Examples:  modelsqueeze prune lenet300.onnx -o pruned.onnx --sparsity 0.9   |   "
+             "modelsqueeze prune m.onnx -o p.onnx --sparsity 'fc1*=0.95,0.8' --scope global   |   "
+             "modelsqueeze prune m.onnx -o p.onnx --structured rows --sparsity 0.5 --shrink   |   "
+             "modelsqueeze prune m.onnx -o p.onnx --nm 2:4 --validate test.npz --max-drop 1")
+@handles_errors
+def prune(
+    model: ModelArg,
+    output: OutputOpt,
+    sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Fraction of weights to zero, e.g. 0.9, or per layer 'fc1*=0.95,conv*=0.6,0.8' (last bare value: everything else).")] = None,
+    threshold: Annotated[Optional[str], typer.Option("--threshold", help="Zero weights with |w| below this (per-layer syntax as --sparsity).")] = None,
+    std_scale: Annotated[Optional[str], typer.Option("--std-scale", help="Threshold = this × the layer's standard deviation (Han et al.).")] = None,
+    scope: Annotated[str, typer.Option("--scope", help="layer: each tensor on its own; global: one ranking / threshold across all selected tensors.")] = "layer",
+    structured: Annotated[Optional[str], typer.Option("--structured", help="rows|channels: remove whole output neurons / filters (fraction = --sparsity), ranked by --norm.")] = None,
+    norm: Annotated[str, typer.Option("--norm", help="l1|l2 norm for --structured.")] = "l2",
+    shrink: Annotated[bool, typer.Option("--shrink", help="With --structured: delete the removed channels from the graph (and the next layer's inputs).")] = False,
+    nm: Annotated[Optional[str], typer.Option("--nm", help="N:M sparsity, e.g. 2:4: keep the N largest of every M consecutive weights along the input axis.")] = None,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Zero weights: magnitude (per layer or global), structured channels, or N:M; store survivors sparsely."""
+    config = PruneConfig(
+        sparsity=LayerRule.parse(sparsity, "--sparsity") if sparsity is not None else None,
+        threshold=LayerRule.parse(threshold, "--threshold") if threshold is not None else None,
+        std_scale=LayerRule.parse(std_scale, "--std-scale") if std_scale is not None else None,
+        nm=parse_nm(nm) if nm is not None else None,
+        scope=scope, structured=structured, norm=norm, shrink=shrink,
+        selection=Selection(tuple(layers), tuple(exclude), min_params),
+    )
+    _transform(model, output, force, lambda pair: run_prune(pair.model, pair.records, config), "prune",
+               validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")

@@ -160,6 +160,18 @@ def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) 
         raise ModelSqueezeError(f"{source}: invalid ONNX model: {first}") from None
 
 
+def model_file_bytes(path: Path) -> int:
+    """Bytes on disk of a model file plus the external data files it names."""
+    path = Path(path)
+    model = parse_model(read_model_bytes(path), path)
+    locations = {
+        entry.value for t in iter_all_tensors(model) if uses_external_data(t)
+        for entry in t.external_data if entry.key == "location"
+    }
+    extra = (path.parent / loc for loc in locations)
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
+
+
 def uses_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
@@ -251,7 +263,7 @@ def _consumer_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[str, in
 
 def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     """Every float tensor held in the model (initializers, Constant nodes, subgraphs), with its
-    consumers and layout, in graph order. Names resolve by scope, so a subgraph that reads an
+    consumers and layout, in the order the graph first uses them. Names resolve by scope, so a subgraph that reads an
     outer initializer is one of that initializer's consumers."""
     found: dict[str, WeightInfo] = {}
     uses: dict[str, list[tuple[onnx.NodeProto, str, int]]] = {}
@@ -286,8 +298,10 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
                 scope[node.output[0]] = _key(path, node.output[0])
 
     walk(model.graph, "", {})
+    # Graph order: by first use (uses fills in node order), unused tensors last.
+    first_use = {key: i for i, key in enumerate(uses)}
     weights = []
-    for key, info in found.items():
+    for key, info in sorted(found.items(), key=lambda item: first_use.get(item[0], len(first_use))):
         consumers = tuple(Consumer(label, node.op_type, i) for node, label, i in uses.get(key, ()))
         layouts = {_consumer_axes(node, i, len(info.shape)) for node, _, i in uses.get(key, ())}
         role = max((r for r, _, _ in layouts), key=_ROLE_RANK.__getitem__, default="other")
@@ -411,10 +425,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -14,12 +14,9 @@ from rich.table import Table
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
     find_weights,
-    iter_all_tensors,
     load_model,
     model_to_bytes,
-    parse_model,
-    read_model_bytes,
-    uses_external_data,
+    model_file_bytes,
 )
 from modelsqueeze.pack import Pair, skeleton
 
@@ -89,26 +86,8 @@ class Report:
         return data
 
 
-def file_bytes(path: Path, model=None) -> int:
-    """Bytes on disk of a model file plus the external data files it names."""
-    total = path.stat().st_size
-    if model is not None:
-        locations = set()
-        for tensor in iter_all_tensors(model):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-        total += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
-    return total
-
-
 def _gzip_size(*blobs: bytes) -> int:
     return sum(len(gzip.compress(blob, compresslevel=9, mtime=0)) for blob in blobs)
-
-
-def _external_model(path: Path):
-    model = parse_model(read_model_bytes(path), path)
-    return model if any(uses_external_data(t) for t in iter_all_tensors(model)) else None
 
 
 def tensor_rows(pair: Pair) -> list[TensorRow]:
@@ -146,7 +125,7 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
         packed, gz = len(bare) + side_bytes, _gzip_size(bare, side_data)
         onnx_bytes = pair.path.stat().st_size
     else:
-        onnx_bytes = file_bytes(pair.path, _external_model(pair.path))
+        onnx_bytes = model_file_bytes(pair.path)
         packed, gz = onnx_bytes, _gzip_size(model_to_bytes(pair.model))
     report = Report(
         model=str(pair.path), sidecar=str(pair.sidecar_path) if pair.sidecar_path else None,
@@ -156,7 +135,7 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
     if baseline is not None:
         base_model = load_model(baseline)
         report.baseline = str(baseline)
-        report.baseline_bytes = file_bytes(Path(baseline), base_model)
+        report.baseline_bytes = model_file_bytes(Path(baseline))
         report.baseline_gzip_bytes = _gzip_size(model_to_bytes(base_model))
     return report
 

@@ -1,0 +1,1 @@
+"""Pure numpy math of the compression methods: arrays in, arrays out, no ONNX."""

@@ -1,0 +1,122 @@
+"""What every compression pass shares: the tensor selection, per-layer rules, and the result type.
+
+A pass takes a model (already holding every tensor's current dense value) and the records carried
+by its sidecar, and returns the rewritten model with the records of its output; it never writes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.model import WeightInfo, find_weights, select_weights
+from modelsqueeze.tensor import CompressedTensor
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The shared --layers / --exclude / --min-params filter."""
+
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_params: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_params < 0:
+            raise ModelSqueezeError(f"--min-params {self.min_params}: must be 0 or more")
+
+    def pick(self, model: onnx.ModelProto) -> list[WeightInfo]:
+        return select_weights(find_weights(model), self.layers, self.exclude, self.min_params)
+
+
+def tensor_names(info: WeightInfo) -> list[str]:
+    """The names a glob may match: the tensor, its subgraph key, and its consumers' node names."""
+    names = [info.name, info.key]
+    for consumer in info.consumers:
+        names += [consumer.node, consumer.node.rsplit("/", 1)[-1]]
+    return names
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A value per tensor: a default and `glob=value` overrides, the first matching glob winning.
+    Parsed from text such as `0.9` or `fc1*=0.95,conv*=0.6,0.8`."""
+
+    default: float | None = None
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> "LayerRule":
+        default, overrides = None, []
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            glob, sep, value = item.rpartition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ModelSqueezeError(f"{option} {text!r}: {value!r} is not a number") from None
+            if not np.isfinite(number):
+                raise ModelSqueezeError(f"{option} {text!r}: {value!r} is not a finite number")
+            if sep:
+                if not glob:
+                    raise ModelSqueezeError(f"{option} {text!r}: missing layer name before '='")
+                overrides.append((glob, number))
+            elif default is not None:
+                raise ModelSqueezeError(f"{option} {text!r}: more than one default value")
+            else:
+                default = number
+        if default is None and not overrides:
+            raise ModelSqueezeError(f"{option} {text!r}: no value given")
+        return cls(default, tuple(overrides))
+
+    def values(self) -> list[float]:
+        return ([] if self.default is None else [self.default]) + [v for _, v in self.overrides]
+
+    def lookup(self, info: WeightInfo) -> tuple[float | None, bool]:
+        """(value, whether an override gave it) for this tensor; None means leave it alone."""
+        names = tensor_names(info)
+        for glob, value in self.overrides:
+            if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                return value, True
+        return self.default, False
+
+
+@dataclass
+class PassResult:
+    """What a pass made: the model, every record of the output pair, and what changed."""
+
+    model: onnx.ModelProto
+    records: dict[str, CompressedTensor]
+    changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def sparse_record(name: str, array: np.ndarray, previous: CompressedTensor | None = None) -> CompressedTensor:
+    """A record storing only the non-zeros of `array` (or every entry, when too few are zero for
+    positions to pay: a 1-bit bitmap costs less than the zeros' values only beyond 1 in 32).
+    When the tensor was weight-shared before (a codebook record of the same shape), the entries
+    keep their codebook indices."""
+    flat = array.reshape(-1)
+    positions = np.flatnonzero(flat)
+    if (flat.size - positions.size) * 32 <= flat.size:
+        positions = np.arange(flat.size)
+        sparse = False
+    else:
+        sparse = True
+    if previous is not None and previous.codebook is not None and previous.shape == array.shape:
+        dense_indices = np.zeros(flat.size, dtype=previous.indices.dtype)
+        stored = np.arange(flat.size) if previous.positions is None else previous.positions
+        dense_indices[stored] = previous.indices
+        return CompressedTensor(
+            name, array.shape, array.dtype.name, codebook=previous.codebook,
+            indices=dense_indices[positions], index_bits=previous.index_bits,
+            positions=positions if sparse else None,
+        )
+    return CompressedTensor(
+        name, array.shape, array.dtype.name, values=flat[positions].copy(), positions=positions if sparse else None
+    )

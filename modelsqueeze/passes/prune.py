@@ -1,0 +1,146 @@
+"""The prune pass: choose keep-masks (magnitude, threshold, std scale, structured, N:M; per layer
+or global), zero the rest, store survivors sparsely; optionally shrink structured layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.kernels import prune as kernels
+from modelsqueeze.model import WeightInfo, find_weights
+from modelsqueeze.pack import put_array
+from modelsqueeze.passes import LayerRule, PassResult, Selection, sparse_record
+from modelsqueeze.passes.shrink import shrink_channels
+from modelsqueeze.tensor import CompressedTensor
+
+SCOPES = ("layer", "global")
+STRUCTURES = ("rows", "channels")
+NORMS = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of `modelsqueeze prune`; exactly one criterion among sparsity, threshold,
+    std_scale and nm. `structured` removes whole output channels (rows of a MatMul/Gemm weight,
+    filters of a Conv) ranked by `norm`, with `sparsity` the fraction of channels."""
+
+    sparsity: LayerRule | None = None
+    threshold: LayerRule | None = None
+    std_scale: LayerRule | None = None
+    nm: tuple[int, int] | None = None
+    scope: str = "layer"
+    structured: str | None = None
+    norm: str = "l2"
+    shrink: bool = False
+    selection: Selection = field(default_factory=Selection)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("sparsity", "threshold", "std_scale", "nm") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ModelSqueezeError(
+                "prune needs exactly one of --sparsity, --threshold, --std-scale or --nm"
+                + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else "")
+            )
+        if self.scope not in SCOPES:
+            raise ModelSqueezeError(f"--scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.norm not in NORMS:
+            raise ModelSqueezeError(f"--norm {self.norm!r}: expected one of {', '.join(NORMS)}")
+        if self.structured is not None and self.structured not in STRUCTURES:
+            raise ModelSqueezeError(f"--structured {self.structured!r}: expected one of {', '.join(STRUCTURES)}")
+        if self.structured and self.sparsity is None:
+            raise ModelSqueezeError("--structured needs --sparsity (the fraction of channels to remove)")
+        if self.structured and self.scope == "global":
+            raise ModelSqueezeError("--structured prunes each layer's channels: use --scope layer")
+        if self.shrink and not self.structured:
+            raise ModelSqueezeError("--shrink needs --structured rows|channels")
+        if self.sparsity is not None and any(not 0 <= v <= 1 for v in self.sparsity.values()):
+            raise ModelSqueezeError("--sparsity values must lie in [0, 1]")
+        for rule, option in ((self.threshold, "--threshold"), (self.std_scale, "--std-scale")):
+            if rule is not None and any(v < 0 for v in rule.values()):
+                raise ModelSqueezeError(f"{option} values must be 0 or more")
+        if self.nm is not None and not (0 < self.nm[0] <= self.nm[1]):
+            raise ModelSqueezeError(f"--nm {self.nm[0]}:{self.nm[1]}: need 0 < N <= M")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    n, sep, m = text.partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
+        raise ModelSqueezeError(f"--nm {text!r}: expected N:M such as 2:4")
+    return int(n), int(m)
+
+
+def _masks(
+    config: PruneConfig, weights: list[tuple[WeightInfo, np.ndarray]], notes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Keep-mask per tensor key for the tensors the configuration prunes, and for structured
+    pruning also the keep-vector over each tensor's output channels."""
+    masks: dict[str, np.ndarray] = {}
+    channel_keeps: dict[str, np.ndarray] = {}
+    if config.nm is not None:
+        n, m = config.nm
+        for info, array in weights:
+            if info.reduction_axis is None:
+                notes.append(f"{info.key}: no reduction axis for its consumer ({info.ops}), N:M skipped")
+                continue
+            masks[info.key] = kernels.nm_mask(array, n, m, info.reduction_axis)
+        return masks, channel_keeps
+
+    rule = config.sparsity or config.threshold or config.std_scale
+    shared: list[tuple[WeightInfo, np.ndarray]] = []  # tensors pruned under one global criterion
+    for info, array in weights:
+        value, overridden = rule.lookup(info)
+        if value is None:
+            continue
+        if config.structured:
+            if info.channel_axis is None:
+                notes.append(f"{info.key}: no single output-channel axis ({info.ops}), structured pruning skipped")
+                continue
+            keep = kernels.structured_keep(array, info.channel_axis, value, config.norm)
+            channel_keeps[info.key] = keep
+            masks[info.key] = kernels.expand_channel_keep(keep, array.shape, info.channel_axis)
+        elif config.scope == "global" and not overridden and config.threshold is None:
+            shared.append((info, array))
+        elif config.sparsity is not None:
+            masks[info.key] = kernels.magnitude_mask(array, value)
+        elif config.threshold is not None:
+            masks[info.key] = kernels.threshold_mask(array, value)
+        else:
+            masks[info.key] = kernels.threshold_mask(array, kernels.std_threshold([array], value))
+    if shared:
+        arrays = [a for _, a in shared]
+        if config.sparsity is not None:
+            shared_masks = kernels.global_magnitude_masks(arrays, rule.default)
+        else:
+            limit = kernels.std_threshold(arrays, rule.default)
+            shared_masks = [kernels.threshold_mask(a, limit) for a in arrays]
+        masks.update({info.key: mask for (info, _), mask in zip(shared, shared_masks)})
+    return masks, channel_keeps
+
+
+def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: PruneConfig) -> PassResult:
+    """Apply `config` to a copy of `model` whose tensors hold their current values; `records` are
+    the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    selected = config.selection.pick(out)
+    if not selected:
+        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    weights = [(info, info.array()) for info in selected]
+    masks, channel_keeps = _masks(config, weights, notes)
+    for info, array in weights:
+        if info.key in masks:
+            put_array(out, info.key, np.where(masks[info.key], array, np.zeros((), array.dtype)))
+    changed = [info.key for info, _ in weights if info.key in masks]
+    if config.shrink:
+        reshaped = shrink_channels(out, channel_keeps, notes)
+        changed += [key for key in sorted(reshaped) if key in records and key not in changed]
+    current = {info.key: info for info in find_weights(out)}
+    new_records = dict(records)
+    for key in changed:
+        new_records[key] = sparse_record(key, current[key].array(), records.get(key))
+    return PassResult(model=out, records=new_records, changed=changed, notes=notes)
