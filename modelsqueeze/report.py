@@ -39,6 +39,12 @@ class TensorRow:
     def bits_per_weight(self) -> float:
         return 8.0 * self.stored_bytes / self.params if self.params else 0.0
 
+    @property
+    def bits_per_nonzero(self) -> float:
+        """What each surviving (non-zero) weight costs, position included."""
+        nonzeros = round(self.params * (1.0 - self.sparsity))
+        return 8.0 * self.stored_bytes / nonzeros if nonzeros else 0.0
+
 
 @dataclass
 class Report:
@@ -76,12 +82,14 @@ class Report:
             "stored_bytes": stored,
             "sparsity": zeros / params if params else 0.0,
             "bits_per_weight": 8.0 * stored / params if params else 0.0,
+            "bits_per_nonzero": 8.0 * stored / (params - zeros) if params > zeros else 0.0,
         }
 
     def to_dict(self) -> dict:
         data = asdict(self)
         for row, obj in zip(data["tensors"], self.tensors):
             row["bits_per_weight"] = obj.bits_per_weight
+            row["bits_per_nonzero"] = obj.bits_per_nonzero
         data.update(totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, ok=not self.failures)
         return data
 
@@ -184,13 +192,13 @@ def _summary_lines(report: Report) -> list[tuple[str, str]]:
     return lines
 
 
-_COLUMNS = ["tensor", "op", "shape", "params", "dtype", "stored as", "sparsity", "unique", "bits/w", "bytes orig → stored"]
+_COLUMNS = ["tensor", "op", "shape", "params", "dtype", "stored as", "sparsity", "unique", "bits/w", "bits/nz", "bytes orig → stored"]
 
 
 def _row_cells(t: TensorRow) -> list[str]:
     return [
         t.name, t.ops, "×".join(map(str, t.shape)) or "scalar", f"{t.params:,}", t.dtype, t.kind,
-        f"{100 * t.sparsity:.1f}%", f"{t.unique_values:,}", f"{t.bits_per_weight:.2f}",
+        f"{100 * t.sparsity:.1f}%", f"{t.unique_values:,}", f"{t.bits_per_weight:.2f}", f"{t.bits_per_nonzero:.2f}",
         f"{t.original_bytes:,} → {t.stored_bytes:,}",
     ]
 
@@ -199,14 +207,14 @@ def _total_cells(report: Report) -> list[str]:
     tot = report.totals()
     return [
         "total", "", "", f"{tot['params']:,}", "", "", f"{100 * tot['sparsity']:.1f}%", "",
-        f"{tot['bits_per_weight']:.2f}", f"{tot['original_bytes']:,} → {tot['stored_bytes']:,}",
+        f"{tot['bits_per_weight']:.2f}", f"{tot['bits_per_nonzero']:.2f}", f"{tot['original_bytes']:,} → {tot['stored_bytes']:,}",
     ]
 
 
 def rich_table(report: Report) -> Table:
     table = Table(title=f"{report.model}", title_justify="left", box=box.SIMPLE_HEAD)
     for col in _COLUMNS:
-        right = col in ("params", "sparsity", "unique", "bits/w")
+        right = col in ("params", "sparsity", "unique", "bits/w", "bits/nz")
         table.add_column(col, justify="right" if right else "left", no_wrap=col != "bytes orig → stored")
     for t in report.tensors:
         table.add_row(*_row_cells(t))
