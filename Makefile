@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
+OUT := out
 
 .PHONY: install test demo sample-models bench clean
 
@@ -19,7 +20,11 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(BIN)/modelsqueeze report sample_models/lenet300.onnx --data sample_models/lenet300.npz
+	@mkdir -p $(OUT)
+	$(BIN)/modelsqueeze prune sample_models/lenet5.onnx -o $(OUT)/lenet5_pruned.onnx --force \
+	  --sparsity 0.8 --scope global --validate sample_models/lenet5.npz --max-drop 2
+	$(BIN)/modelsqueeze report $(OUT)/lenet5_pruned.onnx --baseline sample_models/lenet5.onnx \
+	  --data sample_models/lenet5.npz --max-drop 2
 	@for m in lenet300 lenet5 lstm_digits tiny_transformer; do \
 	  $(BIN)/modelsqueeze eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
 
