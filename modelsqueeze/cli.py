@@ -13,8 +13,10 @@ import numpy as np
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
@@ -60,10 +62,10 @@ def handles_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except CheckFailed as exc:
-            err.print(f"[bold red]check failed:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]check failed:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except ModelSqueezeError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
@@ -107,13 +109,30 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ModelSqueezeError(f"--max-bytes {text!r}: expected a size such as 1500000, 1.5MB or 200KiB") from None
-    if unit not in units or value < 0:
+    if unit not in units or not 0 <= value < 2**63:
         raise ModelSqueezeError(f"--max-bytes {text!r}: expected a size such as 1500000, 1.5MB or 200KiB")
     return int(value * units[unit])
 
 
+def _finite(value):
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _print_json(data: dict) -> None:
-    print(json.dumps(data, indent=2, allow_nan=False, default=str))
+    print(json.dumps(_finite(data), indent=2, allow_nan=False, default=str))
+
+
+def _check_finite(**options: float | None) -> None:
+    for name, value in options.items():
+        if value is not None and not np.isfinite(value):
+            raise ModelSqueezeError(f"--{name.replace('_', '-')} {value}: must be a finite number")
 
 
 def _version(value: bool) -> None:
@@ -147,6 +166,8 @@ def eval_command(
         raise ModelSqueezeError("give --data DATA.npz (accuracy) and/or --reference ORIGINAL.onnx (fidelity)")
     if data is not None and random is not None:
         raise ModelSqueezeError("give either --data or --random, not both")
+    if random is not None and reference is None:
+        raise ModelSqueezeError("--random inputs have no labels: compare with --reference ORIGINAL.onnx")
     pair = load_pair(model)
     runner = Runner(pair.model, str(model))
     ref_runner = Runner(load_pair(reference).model, str(reference)) if reference else None
@@ -159,6 +180,8 @@ def eval_command(
         feeds = random_inputs(runner, pair.model, n, parse_dims(dim), seed)
         source = f"{n} random inputs (seed {seed})"
     result: dict = {"model": str(model), "data": source, "samples": int(next(iter(feeds.values())).shape[0])}
+    if labels is None and ref_runner is None:
+        raise ModelSqueezeError(f"{data}: no `y` labels for accuracy; add --reference ORIGINAL.onnx for fidelity")
     outputs = _run(runner, feeds, str(model), quiet)
     if labels is not None:
         result["accuracy"] = accuracy(outputs[0], labels, source)
@@ -167,11 +190,17 @@ def eval_command(
         result["reference"] = str(reference)
         if labels is not None:
             result["reference_accuracy"] = accuracy(ref_outputs[0], labels, source)
+        if len(ref_outputs) != len(outputs):
+            raise ModelSqueezeError(f"{model} has {len(outputs)} outputs, the reference {len(ref_outputs)}")
         result["fidelity"] = fidelity(outputs[0], ref_outputs[0])
+        if len(outputs) > 1:
+            result["fidelity_per_output"] = {
+                name: fidelity(o, r) for name, o, r in zip(runner.output_names, outputs, ref_outputs)
+            }
     if as_json:
         _print_json(result)
         return
-    out.print(f"[bold]eval[/] {model} on {source}", highlight=False)
+    out.print(f"[bold]eval[/] {escape(str(model))} on {escape(source)}", highlight=False)
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
@@ -182,12 +211,14 @@ def eval_command(
         table.add_row("reference accuracy", f"{100 * result['reference_accuracy']:.2f}%")
     if "fidelity" in result:
         fid = result["fidelity"]
-        snr = "identical" if fid["snr_db"] is None else f"{fid['snr_db']:.2f} dB"
+        snr = f"{fid['snr_db']:.2f} dB" if fid["snr_db"] is not None else ("identical" if fid["max_abs_error"] == 0 else "undefined (zero reference)")
         table.add_row("top-1 agreement", f"{100 * fid['top1_agreement']:.2f}%")
         table.add_row("max abs error", f"{fid['max_abs_error']:.6g}")
         table.add_row("mean abs error", f"{fid['mean_abs_error']:.6g}")
         table.add_row("cosine similarity", f"{fid['cosine_similarity']:.6f}")
         table.add_row("SNR", snr)
+        for name, fid in result.get("fidelity_per_output", {}).items():
+            table.add_row(Text(f"output {name}"), f"max abs error {fid['max_abs_error']:.6g}, cosine {fid['cosine_similarity']:.6f}")
     out.print(table)
 
 
@@ -208,6 +239,7 @@ def report(
     """Per-tensor and total sizes, sparsity, unique values, bits per weight, ratio and accuracy; CI gates."""
     if as_json and as_markdown:
         raise ModelSqueezeError("give --json or --markdown, not both")
+    _check_finite(min_ratio=min_ratio, max_drop=max_drop)
     limit = parse_size(max_bytes) if max_bytes is not None else None
     if max_drop is not None and (data is None or baseline is None):
         raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx")
@@ -248,6 +280,7 @@ def _transform(
     validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool,
 ) -> None:
     """The shared life of a transforming command. Every refusal happens before anything is written."""
+    _check_finite(max_drop=max_drop)
     if max_drop is not None and validate is None:
         raise ModelSqueezeError("--max-drop needs --validate DATA.npz")
     if max_drop is not None and max_drop < 0:
@@ -304,24 +337,24 @@ def _step_rows(before, after, changed: list[str]) -> list[dict]:
 
 
 def _print_step(summary: dict, quiet: bool) -> None:
-    table = Table(box=box.SIMPLE_HEAD, title=f"{summary['command']} {summary['input']} → {summary['output']}", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, title=escape(f"{summary['command']} {summary['input']} → {summary['output']}"), title_justify="left")
     for col in ("tensor", "shape", "sparsity", "stored bytes", "bits/w"):
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right", no_wrap=True)
     for row in summary["tensors"]:
         shape = "×".join(map(str, row["shape_after"]))
         if row["shape_before"] and row["shape_before"] != row["shape_after"]:
             shape = "×".join(map(str, row["shape_before"])) + " → " + shape
-        table.add_row(row["name"], shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%",
+        table.add_row(Text(row["name"]), shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%",
                       f"{row['stored_bytes']:,}", f"{row['bits_per_weight']:.2f}")
     out.print(table)
     before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
-    out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x)  [skeleton + sidecar]", highlight=False)
+    out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x), skeleton + sidecar", highlight=False)
     if "accuracy_before" in summary:
         out.print(f"accuracy {100 * summary['accuracy_before']:.2f}% → {100 * summary['accuracy_after']:.2f}% "
                   f"({-summary['drop_pp']:+.2f} pp)", highlight=False)
     if not quiet:
         for note in summary["notes"]:
-            err.print(f"note: {note}", highlight=False)
+            err.print(f"note: {note}", markup=False, highlight=False)
 
 
 @app.command(epilog="Examples:  modelsqueeze prune lenet300.onnx -o pruned.onnx --sparsity 0.9   |   "
@@ -362,6 +395,41 @@ def prune(
                validate, max_drop, as_json, quiet)
 
 
+@app.command(epilog="Examples:  modelsqueeze cluster pruned.onnx -o shared.onnx --bits 5   |   "
+             "modelsqueeze cluster m.onnx -o c.onnx --bits 'fc3*=6,4' --init density   |   "
+             "modelsqueeze cluster m.onnx -o c.onnx --clusters 16 --scope shared --validate test.npz")
+@handles_errors
+def cluster(
+    model: ModelArg,
+    output: OutputOpt,
+    bits: Annotated[Optional[str], typer.Option("--bits", "-b", help="Index bits: 2^B shared values per tensor, e.g. 5, or per layer 'fc3*=6,4'.")] = None,
+    clusters: Annotated[Optional[str], typer.Option("--clusters", "-k", help="Number of shared values K instead of --bits (same per-layer syntax).")] = None,
+    init: Annotated[str, typer.Option("--init", help="linear|density|kmeans++ initial centroids (Han et al.: linear).")] = "linear",
+    method: Annotated[str, typer.Option("--method", help="lloyd (fast) | optimal (exact 1-D dynamic programming, small tensors).")] = "lloyd",
+    scope: Annotated[str, typer.Option("--scope", help="layer: a codebook per tensor; shared: one codebook for all selected tensors.")] = "layer",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for kmeans++ initialisation.")] = 0,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """k-means weight sharing: a codebook of K values per tensor and bit-packed indices; zeros stay zero."""
+    from modelsqueeze.passes.cluster import ClusterConfig, cluster as run_cluster
+
+    config = ClusterConfig(
+        bits=LayerRule.parse(bits, "--bits") if bits is not None else None,
+        clusters=LayerRule.parse(clusters, "--clusters") if clusters is not None else None,
+        init=init, method=method, scope=scope, seed=seed,
+        selection=Selection(tuple(layers), tuple(exclude), min_params),
+    )
+    _transform(model, output, force, lambda pair: run_cluster(pair.model, pair.records, config), "cluster",
+               validate, max_drop, as_json, quiet)
+
+
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")
 @handles_errors
 def unpack(
@@ -373,7 +441,7 @@ def unpack(
     """Rebuild a plain dense ONNX model (no sidecar) from a compressed model or its skeleton + sidecar."""
     path = unpack_pair(model, output, force)
     if not quiet:
-        err.print(f"wrote {path}")
+        err.print(f"wrote {path}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """How a compressed record appears in the ONNX graph: a dense initializer, or a native compact form
-built from standard ops (sparse: ScatterElements of the non-zeros into zeros), whichever is smaller.
+built from standard ops, whichever is smaller: sparse as ScatterElements of the non-zeros into
+zeros, weight sharing as Gather(codebook, Cast(uint8/uint16 indices)), or both together.
 
 Every form of tensor NAME owns the nodes named `msq/NAME/...` and the initializers `NAME` or
 `NAME::...`; `remove` deletes exactly those, so a graph can be re-rendered or turned back into
@@ -47,19 +48,53 @@ def _dense(name: str, record: CompressedTensor) -> tuple[list[onnx.TensorProto],
     return [numpy_helper.from_array(record.decode(), name)], []
 
 
-def _scatter(name: str, record: CompressedTensor) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Non-zeros scattered into a flat zero tensor, then reshaped: 4-byte positions + the values."""
+def _index_array(indices: np.ndarray, n_codes: int) -> np.ndarray:
+    return indices.astype(np.uint8 if n_codes <= 256 else np.uint16)
+
+
+def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, ...], codebook: np.ndarray,
+              indices: np.ndarray) -> tuple[list, list]:
+    """`out` = Gather(codebook, Cast(indices)) with indices of `shape`, in the smallest unsigned type."""
+    prefix = node_prefix(name)
+    inits = [
+        numpy_helper.from_array(codebook.astype(record.dtype), f"{name}{AUX}codebook"),
+        numpy_helper.from_array(_index_array(indices, codebook.size).reshape(shape), f"{name}{AUX}indices"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [f"{name}{AUX}indices"], [f"{name}{AUX}indices_i64"], name=prefix + "cast",
+                         to=onnx.TensorProto.INT64),
+        helper.make_node("Gather", [f"{name}{AUX}codebook", f"{name}{AUX}indices_i64"], [out], name=prefix + "gather", axis=0),
+    ]
+    return inits, nodes
+
+
+def _gather(name: str, record: CompressedTensor) -> tuple[list, list]:
+    """Every element as a code: pruned zeros get code 0 of a codebook with 0.0 prepended."""
+    codebook, indices = record.codebook, record.indices.astype(np.int64)
+    if record.positions is not None:
+        codes = np.zeros(record.n_params, np.int64)
+        codes[record.positions] = indices + 1
+        codebook, indices = np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes
+    return _gathered(name, record, name, record.shape, codebook, indices)
+
+
+def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
+    """Non-zeros scattered into a flat zero tensor, then reshaped: 4-byte positions + the values
+    (or, for a shared codebook, Gather of the stored entries' codes)."""
     n = record.n_params
     index_dtype = np.int32 if n < 2**31 else np.int64
-    inits = [
-        numpy_helper.from_array(record.stored_values(), f"{name}{AUX}values"),
+    if record.codebook is not None:
+        inits, nodes = _gathered(name, record, f"{name}{AUX}values", (record.n_stored,), record.codebook, record.indices)
+    else:
+        inits, nodes = [numpy_helper.from_array(record.stored_values(), f"{name}{AUX}values")], []
+    inits += [
         numpy_helper.from_array(record.positions.astype(index_dtype), f"{name}{AUX}positions"),
         numpy_helper.from_array(np.array([n], np.int64), f"{name}{AUX}size"),
         numpy_helper.from_array(np.array(record.shape, np.int64), f"{name}{AUX}shape"),
     ]
     zero = numpy_helper.from_array(np.zeros(1, record.dtype))
     prefix = node_prefix(name)
-    nodes = [
+    nodes += [
         helper.make_node("ConstantOfShape", [f"{name}{AUX}size"], [f"{name}{AUX}zeros"], name=prefix + "zeros", value=zero),
         helper.make_node("ScatterElements", [f"{name}{AUX}zeros", f"{name}{AUX}positions", f"{name}{AUX}values"],
                          [f"{name}{AUX}flat"], name=prefix + "scatter", axis=0),
@@ -75,9 +110,13 @@ def _size(form: tuple[list, list]) -> int:
 def choose(name: str, record: CompressedTensor, model_opset: int, dense: bool = False):
     """The smallest form this record can take at this opset (dense when asked)."""
     forms = [_dense(name, record)]
+    if dense:
+        return forms[0]
     # ScatterElements needs opset 11; a 0-d tensor has nothing to scatter into.
-    if not dense and record.positions is not None and model_opset >= 11 and record.shape:
+    if record.positions is not None and model_opset >= 11 and record.shape:
         forms.append(_scatter(name, record))
+    if record.codebook is not None and record.codebook.size + (record.positions is not None) <= 2**16:
+        forms.append(_gather(name, record))
     return min(forms, key=_size)
 
 

@@ -109,12 +109,19 @@ class WeightInfo:
 # Loading
 
 
-def read_model_bytes(path: Path) -> bytes:
-    """The file's bytes, or one clear error for a path that cannot be a model."""
+def check_model_path(path: Path) -> None:
+    """One clear error for a path that cannot be a model file: missing, a directory, empty."""
     if not path.exists():
         raise ModelSqueezeError(f"{path}: no such file")
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelSqueezeError(f"{path}: file is empty, expected an ONNX model")
+
+
+def read_model_bytes(path: Path) -> bytes:
+    """The file's bytes, or one clear error for a path that cannot be a model."""
+    check_model_path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -158,6 +165,8 @@ def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) 
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid")
         raise ModelSqueezeError(f"{source}: invalid ONNX model: {first}") from None
+    except UnicodeDecodeError:
+        raise ModelSqueezeError(f"{source}: invalid ONNX model: a name or string is not valid UTF-8") from None
 
 
 def model_file_bytes(path: Path) -> int:

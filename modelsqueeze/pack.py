@@ -6,6 +6,8 @@ The skeleton is OUT.onnx with every sidecar-backed initializer deleted; `load_pa
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +20,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
     atomic_write_bytes,
     check_model,
+    check_model_path,
     check_output,
     graph_hash,
     iter_graphs,
@@ -114,8 +117,15 @@ def write_pair(
     render(rendered, records)
     check_model(rendered, out, full=True)
     data = encode_sidecar(list(records), graph_hash(rendered))
-    atomic_write_bytes(side, data)
-    save_model(rendered, out)
+    # Both files are complete on disk before either is renamed into place.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        save_model(rendered, staged)
+        atomic_write_bytes(side, data)
+        for extra in Path(tmp).iterdir():  # the model and, for huge models, its external data
+            if extra != staged:
+                os.replace(extra, out.parent / extra.name)
+        os.replace(staged, out)
     return out, side
 
 
@@ -123,20 +133,42 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
     """Load a model and its sidecar (OUT.msq beside OUT.onnx, when present) as a logical model.
     A sidecar that belongs to another graph is refused."""
     path = Path(path)
+    check_model_path(path)  # a missing or empty model is the first thing to report
     side = Path(sidecar) if sidecar is not None else sidecar_path(path)
     if sidecar is None and not side.exists():
+        model = load_model(path)  # a broken model is reported as such, sidecar or not
         if require_sidecar:
             raise ModelSqueezeError(f"{path}: no sidecar {side.name} beside it")
-        return Pair(path=path, model=load_model(path))
+        return Pair(path=path, model=model)
     model = load_model(path, check=False)
     car = read_sidecar(side)
     if car.graph_hash != graph_hash(model):
         raise ModelSqueezeError(
             f"{side}: this sidecar belongs to a different graph than {path} (binding hash mismatch)"
         )
+    _check_shapes(model, car, side)
     render(model, car.records.values(), dense=True)
     check_model(model, path)
     return Pair(path=path, model=model, sidecar=car, sidecar_path=side)
+
+
+# No tensor this tool loads is larger; a record claiming more is corrupt or hostile, and is refused
+# before anything is allocated for it.
+MAX_TENSOR_BYTES = 2**36
+
+
+def _check_shapes(model: onnx.ModelProto, car: Sidecar, side: Path) -> None:
+    """Each record must fit the graph: the shape of the initializer it replaces, a sane size."""
+    for record in car.records.values():
+        n_bytes = record.n_params * np.dtype(record.dtype).itemsize
+        if n_bytes > MAX_TENSOR_BYTES:
+            raise ModelSqueezeError(f"{side}: record {record.name!r} claims {n_bytes:,} bytes of weights; refused")
+        graph, name = _graph_for_key(model, record.name)
+        shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+        if name in shapes and shapes[name] != record.shape:
+            raise ModelSqueezeError(
+                f"{side}: record {record.name!r} has shape {record.shape}, the graph's tensor {shapes[name]}"
+            )
 
 
 def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 from rich import box
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
@@ -212,14 +214,14 @@ def _total_cells(report: Report) -> list[str]:
 
 
 def rich_table(report: Report) -> Table:
-    table = Table(title=f"{report.model}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=escape(report.model), title_justify="left", box=box.SIMPLE_HEAD)
     for col in _COLUMNS:
         right = col in ("params", "sparsity", "unique", "bits/w", "bits/nz")
         table.add_column(col, justify="right" if right else "left", no_wrap=col != "bytes orig → stored")
     for t in report.tensors:
-        table.add_row(*_row_cells(t))
+        table.add_row(*map(Text, _row_cells(t)))
     table.add_section()
-    table.add_row(*_total_cells(report), style="bold")
+    table.add_row(*map(Text, _total_cells(report)), style="bold")
     return table
 
 
@@ -228,7 +230,7 @@ def summary_table(report: Report) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in _summary_lines(report):
-        table.add_row(key, value)
+        table.add_row(Text(key), Text(value))
     return table
 
 

@@ -3,6 +3,7 @@ inputs generated from a model's signature."""
 
 from __future__ import annotations
 
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.model import model_to_bytes
+from modelsqueeze.model import PROTOBUF_LIMIT_BYTES, model_to_bytes, save_model, tensor_bytes
 
 BATCH_SIZE = 256
 
@@ -48,10 +49,15 @@ class Runner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = 2
+        source: bytes | str
+        if tensor_bytes(model) < PROTOBUF_LIMIT_BYTES:
+            source = model_to_bytes(model)
+        else:  # too big for one protobuf: hand onnxruntime a file with external data
+            self._tmp = tempfile.TemporaryDirectory(prefix="modelsqueeze-")
+            source = str(Path(self._tmp.name) / "model.onnx")
+            save_model(model, Path(source))
         try:
-            self.session = ort.InferenceSession(
-                model_to_bytes(model), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelSqueezeError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}") from None
         self.inputs = []
@@ -86,7 +92,16 @@ class Runner:
                 progress(min(step, n - start))
         if not chunks:
             raise ModelSqueezeError(f"{self.label}: no samples to run")
-        return [np.concatenate([c[i] for c in chunks]) if step < n else chunks[0][i] for i in range(len(self.output_names))]
+        if len(chunks) == 1:
+            return chunks[0]
+        batch_major = all(c[i].ndim and c[i].shape[0] == min(step, n - j * step)
+                          for j, c in enumerate(chunks) for i in range(len(self.output_names)))
+        if not batch_major:  # an output without a leading sample axis: run everything at once
+            try:
+                return self.session.run(self.output_names, feeds)
+            except Exception as exc:
+                raise ModelSqueezeError(f"{self.label}: onnxruntime failed to run: {_first_line(exc)}") from None
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
 
     def _conform(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -139,10 +154,21 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory, expected a .npz file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ModelSqueezeError(f"{path}: a single .npy array; expected a .npz archive of named arrays")
+        with loaded as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ModelSqueezeError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError, TypeError, KeyError) as exc:
         raise ModelSqueezeError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    for key, array in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise ModelSqueezeError(f"{path}: member {key!r} is not a numpy array")
+        if array.ndim == 0:
+            raise ModelSqueezeError(f"{path}: array {key!r} is a scalar; expected one row per sample")
+    return arrays
 
 
 def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -158,21 +184,36 @@ def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str) -> t
                 f"{source}: no array for input {spec.name!r} (arrays: {', '.join(sorted(data)) or 'none'})"
             )
     labels = data.get("y")
-    return feeds, (None if labels is None else np.asarray(labels))
+    if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+        whole = np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
+        if not whole:
+            raise ModelSqueezeError(f"{source}: labels `y` must be class indices (whole numbers), not {labels.dtype} values")
+        labels = labels.astype(np.int64)
+    return feeds, labels
 
 
-def predictions(output: np.ndarray) -> np.ndarray:
-    """Top-1 class per sample: argmax of the last axis of scores, or the output itself for labels."""
-    if output.ndim >= 2 and np.issubdtype(output.dtype, np.floating):
-        return output.reshape(output.shape[0], -1).argmax(axis=1) if output.ndim == 2 else output.argmax(axis=-1)
-    return output.reshape(output.shape[0], -1)[:, 0] if output.ndim > 1 else output
+def predictions(output: np.ndarray, label_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Top-1 class per sample: argmax over the class axis of scores (the last axis, after dropping
+    singleton axes unless the labels keep them), or the output itself when it holds labels."""
+    if not np.issubdtype(output.dtype, np.floating):
+        return output.reshape(output.shape[0], -1)[:, 0] if output.ndim > 1 else output
+    if output.ndim < 2:
+        return output
+    if label_shape is not None and tuple(label_shape) == output.shape[:-1]:
+        return output.argmax(axis=-1)  # per-position labels, e.g. [batch, seq]
+    squeezed = output.reshape(output.shape[0], -1) if all(d == 1 for d in output.shape[1:-1]) else output
+    return squeezed.argmax(axis=-1)
 
 
 def accuracy(output: np.ndarray, labels: np.ndarray, source: str = "data") -> float:
-    pred = predictions(output)
-    labels = np.asarray(labels).reshape(-1) if np.asarray(labels).ndim > 1 and pred.ndim == 1 else np.asarray(labels)
+    labels = np.asarray(labels)
+    pred = predictions(output, labels.shape)
     if pred.shape != labels.shape:
-        raise ModelSqueezeError(f"{source}: {labels.shape[0]} labels for {pred.shape[0]} predictions")
+        labels = labels.reshape(pred.shape) if labels.size == pred.size else labels
+    if pred.shape != labels.shape:
+        raise ModelSqueezeError(
+            f"{source}: labels of shape {labels.shape} do not match predictions of shape {pred.shape}"
+        )
     return float(np.mean(pred == labels)) if labels.size else float("nan")
 
 
@@ -192,47 +233,50 @@ def fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float | Non
         "max_abs_error": float(np.max(np.abs(diff))) if diff.size else 0.0,
         "mean_abs_error": float(np.mean(np.abs(diff))) if diff.size else 0.0,
         "cosine_similarity": float(np.sum(out * ref) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0),
-        "snr_db": None if noise == 0 else (float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")),
+        # None where the ratio is undefined: identical outputs (no noise) or an all-zero reference.
+        "snr_db": float(10 * np.log10(signal / noise)) if noise > 0 and signal > 0 else None,
     }
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:
+    """--dim NAME=VALUE items: NAME is a symbolic dimension, or INPUT:AXIS for an unnamed one."""
     dims = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
-            raise ModelSqueezeError(f"--dim {item!r}: expected NAME=VALUE with a positive integer value")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise ModelSqueezeError(f"--dim {item!r}: expected NAME=VALUE (or INPUT:AXIS=VALUE) with a positive integer")
         dims[name.strip()] = int(value)
     return dims
 
 
 def random_inputs(runner: Runner, model: onnx.ModelProto, n: int, dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """`n` samples shaped by the input signature: floats ~ N(0, 1); integers that index a Gather
-    table uniform over its rows, other integers in {0, 1}. The leading dynamic dim is the sample
-    count; every other dynamic dim needs `--dim name=value`."""
+    table uniform over its rows, other integers in {0, 1}. The leading dimension is the sample
+    count (fixed 1 is fed sample by sample); every other dynamic dimension needs a --dim."""
     if n < 1:
         raise ModelSqueezeError(f"--random {n}: need at least one sample")
     rng = np.random.default_rng(seed)
     table_rows = _gather_table_rows(model)
+    used = set()
     feeds = {}
     for spec in runner.inputs:
         shape = []
         for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int):
-                shape.append(dim)
-            elif dim in dims:
-                shape.append(dims[dim])
-            elif axis == 0:
+            keys = [k for k in (dim if isinstance(dim, str) and dim else None, f"{spec.name}:{axis}") if k in dims]
+            if axis == 0 and (not isinstance(dim, int) or dim == 1):
+                if keys:
+                    raise ModelSqueezeError(
+                        f"--dim {keys[0]}: the leading dimension of {spec.name!r} is the sample count, set by --random"
+                    )
                 shape.append(n)
+            elif isinstance(dim, int):
+                shape.append(dim)
+            elif keys:
+                used.update(keys)
+                shape.append(dims[keys[0]])
             else:
-                label = dim if dim else f"axis {axis}"
-                raise ModelSqueezeError(
-                    f"input {spec.name!r} has dynamic dimension {label!r}: give it a size with --dim {dim or 'NAME'}=N"
-                )
-        if shape and not isinstance(spec.shape[0], int) and spec.shape[0] not in dims:
-            shape[0] = n
-        elif shape and shape[0] == 1 and n > 1:
-            shape[0] = n  # a fixed batch of 1 is fed sample by sample
+                hint = f"{dim}=N" if isinstance(dim, str) and dim else f"{spec.name}:{axis}=N"
+                raise ModelSqueezeError(f"input {spec.name!r} axis {axis} is dynamic: give its size with --dim {hint}")
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype is np.bool_:
@@ -240,6 +284,9 @@ def random_inputs(runner: Runner, model: onnx.ModelProto, n: int, dims: Mapping[
         else:
             high = table_rows.get(spec.name, 2)
             feeds[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
+    unknown = sorted(set(dims) - used)
+    if unknown:
+        raise ModelSqueezeError(f"--dim {unknown[0]}: no dynamic input dimension has that name")
     return feeds
 
 

@@ -272,17 +272,19 @@ def _digest_tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("command", ["report", "eval", "unpack"])
+@pytest.mark.parametrize("command", ["report", "eval", "unpack", "prune"])
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, mlp_path, mlp_data, command):
     cases = _bad_inputs(tmp_path, mlp_path)
     before = _digest_tree(tmp_path)
     for label, path in cases.items():
-        extra = {"report": [], "eval": ["--data", mlp_data], "unpack": ["-o", tmp_path / "out.onnx"]}[command]
+        extra = {"report": [], "eval": ["--data", mlp_data], "unpack": ["-o", tmp_path / "out.onnx"],
+                 "prune": ["-o", tmp_path / "out.onnx", "--sparsity", "0.5"]}[command]
         result = invoke(command, path, *extra)
         assert result.exit_code == 2, (label, result.output, result.stderr)
-        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (label, result.stderr)
         assert "Traceback" not in result.output
+        assert "sidecar" not in lines[0], (label, lines[0])  # the model's own problem comes first
     assert _digest_tree(tmp_path) == before
 
 
@@ -327,10 +329,10 @@ def test_inputs_are_byte_identical_after_every_command(tmp_path, mlp_path, mlp_d
 # Help and the real process
 
 
-@pytest.mark.parametrize("command", ["eval", "report", "unpack"])
+@pytest.mark.parametrize("command", ["eval", "report", "unpack", "prune", "cluster"])
 def test_help_shows_an_example(command):
     result = invoke(command, "--help")
-    assert result.exit_code == 0 and "modelsqueeze " + command in result.stdout
+    assert result.exit_code == 0 and "Example" in result.stdout and "modelsqueeze " + command + " " in result.stdout
 
 
 def test_runs_as_a_real_process(mlp_path, mlp_data):
