@@ -38,4 +38,4 @@ bench: install
 	$(PY) benchmarks/bench_sidecar.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache .hypothesis
+	rm -rf $(OUT) .pytest_cache .hypothesis .benchmarks $(VENV)
