@@ -29,8 +29,10 @@ BINS_PER_CLUSTER = 4
 MIN_BINS = 1024
 # Rows evaluated per gap and level of the monotone row-minima search (see _row_minima).
 _BLOCK = 8
+# Cluster moves go on while a round of them lowers the squared error by at least this fraction.
+_MOVE_GAIN = 1e-3
 # Split points tried per cluster when refilling, moving or re-splitting clusters.
-_SPLIT_POINTS = 64
+_SPLIT_POINTS = 32
 # assign() uses its lookup grid from this many values on.
 _GRID_MIN_VALUES = 1 << 16
 
@@ -218,7 +220,10 @@ class _Sorted:
         return np.concatenate(([0], inner, [self.n]))
 
     def means(self, b: np.ndarray) -> np.ndarray:
-        return (self.S[b[1:]] - self.S[b[:-1]]) / (self.W[b[1:]] - self.W[b[:-1]]) + self.shift
+        return self.run_means(b[:-1], b[1:])
+
+    def run_means(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        return (self.S[hi] - self.S[lo]) / (self.W[hi] - self.W[lo]) + self.shift
 
     def exact_means(self, b: np.ndarray) -> np.ndarray:
         """Means of the non-empty runs b[j]:b[j+1] summed run by run (no prefix-sum rounding)."""
@@ -236,34 +241,67 @@ class _Sorted:
 
 
 def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int) -> np.ndarray:
-    """Lloyd from `centroids`, then moves of low-utility clusters (see _swaps) and Lloyd again while
-    they pay. Lloyd runs until the assignment stops changing: boundaries by binary search of the
-    midpoints, means by prefix sums; empty clusters are refilled by splitting the clusters that gain
-    most, so k clusters survive whenever n >= k. After max_iter steps in all it stops as soon as no
-    cluster is empty (each such step lowers the squared error, so that ends too)."""
+    """Lloyd from `centroids` until the assignment stops changing, then moves of clusters (see
+    _moves) and Lloyd again while a round of them still lowers the squared error by _MOVE_GAIN,
+    max_iter Lloyd steps in all. Empty clusters are refilled by splitting the clusters that gain
+    most, so k clusters survive whenever n >= k; out of steps, it still steps on until no cluster is
+    empty (each such step lowers the squared error)."""
     b = data.bounds(np.sort(np.asarray(centroids, dtype=np.float64)))
-    step = 0
+    steps, error = 0, np.inf
+    while steps < max_iter:
+        b, centroids, used, converged = _settle(data, b, max_iter - steps)
+        steps += used
+        if not converged:
+            break
+        previous, error = error, float(data.cost(b[:-1], b[1:]).sum())
+        moved = _moves(data, b) if steps < max_iter and error < previous * (1 - _MOVE_GAIN) else None
+        if moved is None:
+            return centroids
+        b = moved
     while True:
-        step += 1
-        if (b[1:] == b[:-1]).any():
-            b = _refill(data, b, len(b) - 1)
-        centroids = data.means(b)
+        centroids = data.exact_means(b)
         new = data.bounds(centroids)
-        if np.array_equal(new, b):
-            # Converged on prefix-sum means; confirm with means summed run by run.
+        if (new[1:] > new[:-1]).all():
+            return centroids
+        b = _refill(data, new, len(new) - 1)
+
+
+def _settle(data: _Sorted, b: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Lloyd steps from boundaries `b` (the partition, steps used, whether it converged). Each step
+    only searches again the boundaries next to a centroid that moved: after the first few steps of a
+    large k only a few move, so a step costs far less than O(k log n)."""
+    k = len(b) - 1
+    b = _refill(data, b, k) if (b[1:] == b[:-1]).any() else b.copy()
+    centroids = data.means(b)
+    active = np.arange(1, k)  # inner boundaries to search again
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        if active.size == 0:
+            # No boundary moves with prefix-sum means: confirm with means summed run by run.
             centroids = data.exact_means(b)
             new = data.bounds(centroids)
             if np.array_equal(new, b):
-                moved = _swaps(data, b) if step < max_iter else None
-                if moved is None:
-                    return centroids
-                new = moved
-        if step >= max_iter:
-            centroids = data.exact_means(b)
-            new = data.bounds(centroids)
-            if (new[1:] > new[:-1]).all():
-                return centroids
-        b = new
+                return b, centroids, steps, True
+            b, active = new, np.arange(1, k)
+        else:
+            found = np.searchsorted(data.x, 0.5 * (centroids[active - 1] + centroids[active]), side="right")
+            moved = found != b[active]
+            active = active[moved]
+            b[active] = found[moved]
+        if (b[1:] == b[:-1]).any():
+            b = _refill(data, b, k)
+            centroids, active = data.means(b), np.arange(1, k)
+        elif active.size:
+            # Clusters on either side of a moved boundary get new means; their boundaries are next.
+            touched = np.zeros(k + 1, dtype=bool)
+            touched[active - 1] = touched[active] = True
+            clusters = np.flatnonzero(touched[:k])
+            centroids[clusters] = data.run_means(b[clusters], b[clusters + 1])
+            touched[clusters + 1] = True
+            touched[0] = touched[k] = False
+            active = np.flatnonzero(touched)
+    return b, centroids, steps, False
 
 
 def _best_splits(data: _Sorted, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,12 +319,16 @@ def _best_split_points(data: _Sorted, lo: np.ndarray, hi: np.ndarray) -> tuple[n
     (so a call costs O(k), not O(n); Lloyd refines the split)."""
     inner = hi - lo - 1
     counts = np.minimum(inner, _SPLIT_POINTS)
-    seg = np.repeat(np.arange(counts.size), counts)
     step = np.repeat((inner - 1) / np.maximum(counts - 1, 1), counts)
     point = np.repeat(lo + 1, counts) + (_ragged_arange(counts) * step).astype(np.intp)
-    split_cost = data.cost(lo[seg], point) + data.cost(point, hi[seg])
+    W, S, Q = data.W, data.S, data.Q
+    w_p, s_p, q_p = W[point], S[point], Q[point]
+    w_lo, s_lo, q_lo = (np.repeat(a[lo], counts) for a in (W, S, Q))
+    w_hi, s_hi, q_hi = (np.repeat(a[hi], counts) for a in (W, S, Q))
+    left, right = s_p - s_lo, s_hi - s_p
+    split_cost = q_hi - q_lo - left * left / (w_p - w_lo) - right * right / (w_hi - w_p)
     at = _segment_argmin(split_cost, counts)
-    return point[at], split_cost[at]
+    return point[at], np.maximum(split_cost[at], 0.0)
 
 
 def _refill(data: _Sorted, b: np.ndarray, k: int) -> np.ndarray:
@@ -297,6 +339,14 @@ def _refill(data: _Sorted, b: np.ndarray, k: int) -> np.ndarray:
         _, gain, point = _best_splits(data, b)
         b = np.union1d(b, point[np.argsort(-gain, kind="stable")[:k - (len(b) - 1)]])
     return b
+
+
+def _moves(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
+    """Boundaries after one round of moves that Lloyd cannot make (see _swaps, _resplit_pairs), or
+    None if none pays."""
+    swapped = _swaps(data, b)
+    resplit = _resplit_pairs(data, b if swapped is None else swapped)
+    return swapped if resplit is None else resplit
 
 
 def _swaps(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
@@ -325,9 +375,9 @@ def _swaps(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
         busy[removed - 1:removed + 2] = True
         drop += [removed, removed + 1]
         add += [cut[r], point[g]]
-    if add:
-        return np.union1d(np.delete(b, drop), add)
-    return _resplit_pairs(data, b)
+    if not add:
+        return None
+    return np.union1d(np.delete(b, drop), add)
 
 
 def _resplit_pairs(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
