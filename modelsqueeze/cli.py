@@ -330,6 +330,7 @@ def _step_rows(before, after, changed: list[str]) -> list[dict]:
             "shape_before": list(a.shape) if a else None, "shape_after": list(b.shape),
             "sparsity_before": float(np.mean(old_array == 0)) if old_array is not None and old_array.size else 0.0,
             "sparsity_after": float(np.mean(new_array == 0)) if new_array.size else 0.0,
+            "unique_values": int(np.unique(new_array).size),
             "stored_bytes": int(record_bytes.get(key, new_array.nbytes)),
             "bits_per_weight": 8.0 * record_bytes.get(key, new_array.nbytes) / max(new_array.size, 1),
         })
@@ -338,13 +339,13 @@ def _step_rows(before, after, changed: list[str]) -> list[dict]:
 
 def _print_step(summary: dict, quiet: bool) -> None:
     table = Table(box=box.SIMPLE_HEAD, title=escape(f"{summary['command']} {summary['input']} → {summary['output']}"), title_justify="left")
-    for col in ("tensor", "shape", "sparsity", "stored bytes", "bits/w"):
+    for col in ("tensor", "shape", "sparsity", "unique", "stored bytes", "bits/w"):
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right", no_wrap=True)
     for row in summary["tensors"]:
         shape = "×".join(map(str, row["shape_after"]))
         if row["shape_before"] and row["shape_before"] != row["shape_after"]:
             shape = "×".join(map(str, row["shape_before"])) + " → " + shape
-        table.add_row(Text(row["name"]), shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%",
+        table.add_row(Text(row["name"]), shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%", f"{row['unique_values']:,}",
                       f"{row['stored_bytes']:,}", f"{row['bits_per_weight']:.2f}")
     out.print(table)
     before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
@@ -404,7 +405,7 @@ def cluster(
     output: OutputOpt,
     bits: Annotated[Optional[str], typer.Option("--bits", "-b", help="Index bits: 2^B shared values per tensor, e.g. 5, or per layer 'fc3*=6,4'.")] = None,
     clusters: Annotated[Optional[str], typer.Option("--clusters", "-k", help="Number of shared values K instead of --bits (same per-layer syntax).")] = None,
-    init: Annotated[str, typer.Option("--init", help="linear|density|kmeans++ initial centroids (Han et al.: linear).")] = "linear",
+    init: Annotated[str, typer.Option("--init", help="auto (near-optimal: exact DP on a histogram, then Lloyd) | linear (Han et al.) | density | kmeans++ | cube-root | binned-dp.")] = "auto",
     method: Annotated[str, typer.Option("--method", help="lloyd (fast) | optimal (exact 1-D dynamic programming, small tensors).")] = "lloyd",
     scope: Annotated[str, typer.Option("--scope", help="layer: a codebook per tensor; shared: one codebook for all selected tensors.")] = "layer",
     seed: Annotated[int, typer.Option("--seed", help="Seed for kmeans++ initialisation.")] = 0,

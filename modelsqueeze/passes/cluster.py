@@ -1,0 +1,141 @@
+"""The cluster pass: k-means weight sharing. Each selected tensor's non-zero weights are replaced by
+the nearest of K centroids (per tensor, or one codebook shared by all); zeros stay exactly zero."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
+from modelsqueeze.pack import put_array
+from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.sidecar import record_size
+from modelsqueeze.tensor import CompressedTensor
+
+SCOPES = ("layer", "shared")
+MAX_CLUSTERS = 2**16
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Options of `modelsqueeze cluster`: exactly one of `bits` (2^bits centroids) or `clusters`."""
+
+    bits: LayerRule | None = None
+    clusters: LayerRule | None = None
+    init: str = "auto"
+    method: str = "lloyd"
+    scope: str = "layer"
+    seed: int = 0
+    selection: Selection = field(default_factory=Selection)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.bits is None) == (self.clusters is None):
+            raise ModelSqueezeError("cluster needs exactly one of --bits or --clusters")
+        if self.bits is not None and any(v != int(v) or not 1 <= v <= 16 for v in self.bits.values()):
+            raise ModelSqueezeError("--bits must be whole numbers from 1 to 16")
+        if self.clusters is not None and any(v != int(v) or not 1 <= v <= MAX_CLUSTERS for v in self.clusters.values()):
+            raise ModelSqueezeError(f"--clusters must be whole numbers from 1 to {MAX_CLUSTERS}")
+        for value, options, flag in ((self.init, INITS, "--init"), (self.method, METHODS, "--method"),
+                                     (self.scope, SCOPES, "--scope")):
+            if value not in options:
+                raise ModelSqueezeError(f"{flag} {value!r}: expected one of {', '.join(options)}")
+        if self.scope == "shared" and (self.rule.overrides or self.rule.default is None):
+            raise ModelSqueezeError("--scope shared uses one codebook: give one --bits/--clusters value, no per-layer ones")
+
+    @property
+    def rule(self) -> LayerRule:
+        return self.bits if self.bits is not None else self.clusters
+
+    def n_clusters(self, value: float) -> int:
+        return 2 ** int(value) if self.bits is not None else int(value)
+
+
+def index_bits(n_codes: int) -> int:
+    """Bits an index into `n_codes` centroids needs (at least 1)."""
+    return max(1, math.ceil(math.log2(n_codes))) if n_codes > 1 else 1
+
+
+def _codes(values: np.ndarray, k: int, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, labels) for 1-D values; no values -> no centroids."""
+    if values.size == 0:
+        return np.zeros(0), np.zeros(0, np.intp)
+    try:
+        return kmeans1d(values, k, init=config.init, method=config.method, seed=config.seed)
+    except ValueError as exc:
+        raise ModelSqueezeError(str(exc)) from None
+
+
+def encode(name: str, array: np.ndarray, k: int, config: ClusterConfig,
+           shared: np.ndarray | None = None) -> CompressedTensor:
+    """The smaller of two records sharing `k` codes: the non-zeros' codes plus their positions, or
+    a code for every element with zero as a code of its own (k - 1 centroids for the non-zeros).
+    With `shared` centroids, both variants use that codebook instead of their own."""
+    flat = array.reshape(-1)
+    positions = np.flatnonzero(flat)
+    nonzero = flat[positions].astype(np.float64)
+    has_zero = positions.size < flat.size
+    candidates = []
+    for sparse in ((True, False) if has_zero else (False,)):
+        if shared is not None:
+            centroids = shared
+            labels = _nearest(nonzero, centroids)
+        else:
+            budget = max(k - 1, 1) if has_zero and not sparse else k
+            centroids, labels = _codes(nonzero, budget, config)
+        codebook = centroids.astype(array.dtype)
+        if sparse:
+            kept = positions
+            indices = labels
+        else:
+            kept = None
+            # Zero is code 0 when the tensor has zeros; the others shift up by one.
+            codebook = np.concatenate([np.zeros(1, array.dtype), codebook]) if has_zero else codebook
+            indices = np.zeros(flat.size, np.int64)
+            indices[positions] = labels + has_zero
+        if codebook.size == 0:  # an all-zero tensor: one code, 0.0
+            codebook, indices = np.zeros(1, array.dtype), np.zeros(0 if sparse else flat.size, np.int64)
+        n_codes = codebook.size
+        dtype = np.uint8 if n_codes <= 256 else np.uint16
+        candidates.append(CompressedTensor(
+            name, array.shape, array.dtype.name, codebook=codebook, indices=indices.astype(dtype),
+            index_bits=index_bits(n_codes), positions=kept,
+        ))
+    return min(candidates, key=record_size)
+
+
+def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return assign(values, centroids) if centroids.size else np.zeros(values.size, np.intp)
+
+
+def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: ClusterConfig) -> PassResult:
+    """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    selected = config.selection.pick(out)
+    if not selected:
+        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    chosen = []
+    for info in selected:
+        value, _ = config.rule.lookup(info)
+        if value is not None:
+            chosen.append((info, info.array(), config.n_clusters(value)))
+    shared = None
+    if config.scope == "shared" and chosen:
+        values = np.concatenate([a[a != 0].astype(np.float64) for _, a, _ in chosen])
+        shared, _ = _codes(values, chosen[0][2], config)
+    new_records = dict(records)
+    changed = []
+    for info, array, k in chosen:
+        record = encode(info.key, array, k, config, shared)
+        new_records[info.key] = record
+        put_array(out, info.key, record.decode())
+        changed.append(info.key)
+        if record.codebook.size < k and array.size >= k:
+            notes.append(f"{info.key}: {record.codebook.size} codes used of {k} (fewer distinct values)")
+    return PassResult(model=out, records=new_records, changed=changed, notes=notes)
