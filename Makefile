@@ -23,8 +23,10 @@ demo: install
 	@mkdir -p $(OUT)
 	$(BIN)/modelsqueeze prune sample_models/lenet5.onnx -o $(OUT)/lenet5_pruned.onnx --force \
 	  --sparsity 0.8 --scope global --validate sample_models/lenet5.npz --max-drop 2
-	$(BIN)/modelsqueeze report $(OUT)/lenet5_pruned.onnx --baseline sample_models/lenet5.onnx \
-	  --data sample_models/lenet5.npz --max-drop 2
+	$(BIN)/modelsqueeze cluster $(OUT)/lenet5_pruned.onnx -o $(OUT)/lenet5_shared.onnx --force \
+	  --bits 4 --validate sample_models/lenet5.npz --max-drop 1
+	$(BIN)/modelsqueeze report $(OUT)/lenet5_shared.onnx --baseline sample_models/lenet5.onnx \
+	  --data sample_models/lenet5.npz --max-drop 1 --min-ratio 15
 	@for m in lenet300 lenet5 lstm_digits tiny_transformer; do \
 	  $(BIN)/modelsqueeze eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
 
