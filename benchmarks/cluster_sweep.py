@@ -35,8 +35,8 @@ def sweep(name: str, bits: list[int], sparsity: float, init: str, workdir: Path)
     pruned = written(prune(src.model, src.records, PruneConfig(sparsity=LayerRule(sparsity), scope="global")),
                      workdir / f"{name}-pruned.onnx")
     lines = [
-        f"**{name}** (original {100 * test_accuracy(src.model, data):.2f}%, {base_bytes:,} B; "
-        f"pruned {100 * sparsity:.0f}% global: {100 * test_accuracy(pruned.model, data):.2f}%, "
+        f"**{name}** (original {100 * test_accuracy(src.runnable(), data):.2f}%, {base_bytes:,} B; "
+        f"pruned {100 * sparsity:.0f}% global: {100 * test_accuracy(pruned.runnable(), data):.2f}%, "
         f"{packed_size(pruned):,} B)",
         "",
         f"| bits | accuracy | packed bytes | ratio | pruned {100 * sparsity:.0f}% + bits: accuracy | packed bytes | ratio |",
@@ -48,7 +48,7 @@ def sweep(name: str, bits: list[int], sparsity: float, init: str, workdir: Path)
         for tag, start in (("dense", src), ("pruned", pruned)):
             pair = written(cluster(start.model, start.records, config), workdir / f"{name}-{tag}-{b}.onnx")
             size = packed_size(pair)
-            cells += [f"{100 * test_accuracy(pair.model, data):.2f}%", f"{size:,}", f"{base_bytes / size:.1f}x"]
+            cells += [f"{100 * test_accuracy(pair.runnable(), data):.2f}%", f"{size:,}", f"{base_bytes / size:.1f}x"]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return lines + [""]
 

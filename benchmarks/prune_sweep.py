@@ -27,7 +27,7 @@ def sweep(name: str, sparsities: list[float], workdir: Path) -> list[str]:
     data = load_npz(SAMPLES / f"{name}.npz")
     base_bytes = packed_size(src)
     lines = [
-        f"**{name}** (original: {100 * test_accuracy(src.model, data):.2f}%, {base_bytes:,} B)",
+        f"**{name}** (original: {100 * test_accuracy(src.runnable(), data):.2f}%, {base_bytes:,} B)",
         "",
         "| sparsity | per-layer accuracy | global accuracy | packed bytes (per-layer / global) | ratio |",
         "|---:|---:|---:|---:|---:|",
@@ -40,7 +40,7 @@ def sweep(name: str, sparsities: list[float], workdir: Path) -> list[str]:
             out = workdir / f"{name}-{scope}-{s}.onnx"
             write_pair(result.model, list(result.records.values()), out)
             pair = load_pair(out)
-            cells[scope] = (test_accuracy(pair.model, data), packed_size(pair))
+            cells[scope] = (test_accuracy(pair.runnable(), data), packed_size(pair))
         (acc_l, bytes_l), (acc_g, bytes_g) = cells["layer"], cells["global"]
         lines.append(
             f"| {100 * s:.0f}% | {100 * acc_l:.2f}% | {100 * acc_g:.2f}% | {bytes_l:,} / {bytes_g:,} "

@@ -21,7 +21,7 @@ from rich.text import Text
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import check_output, find_weights
-from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, sidecar_path, unpack as unpack_pair, write_pair
+from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
 from modelsqueeze.passes import LayerRule, Selection
 from modelsqueeze.passes.prune import PruneConfig, parse_nm, prune as run_prune
 from modelsqueeze.report import build_report, check_thresholds, markdown, rich_table, summary_table
@@ -169,8 +169,8 @@ def eval_command(
     if random is not None and reference is None:
         raise ModelSqueezeError("--random inputs have no labels: compare with --reference ORIGINAL.onnx")
     pair = load_pair(model)
-    runner = Runner(pair.model, str(model))
-    ref_runner = Runner(load_pair(reference).model, str(reference)) if reference else None
+    runner = Runner(pair.runnable(), str(model))
+    ref_runner = Runner(load_pair(reference).runnable(), str(reference)) if reference else None
     labels = None
     if data is not None:
         feeds, labels = split_data(load_npz(data), runner, str(data))
@@ -249,9 +249,9 @@ def report(
     result = build_report(pair, baseline)
     if data is not None:
         arrays = load_npz(data)
-        result.accuracy = _labelled_accuracy(pair.model, str(model), arrays, str(data), quiet)
+        result.accuracy = _labelled_accuracy(pair.runnable(), str(model), arrays, str(data), quiet)
         if baseline is not None:
-            result.baseline_accuracy = _labelled_accuracy(load_pair(baseline).model, str(baseline), arrays, str(data), quiet)
+            result.baseline_accuracy = _labelled_accuracy(load_pair(baseline).runnable(), str(baseline), arrays, str(data), quiet)
     failures = check_thresholds(result, limit, min_ratio, max_drop)
     if as_json:
         _print_json(result.to_dict())
@@ -296,8 +296,9 @@ def _transform(
         advance(1)
     summary: dict = {"command": command, "input": str(model), "output": str(output), "sidecar": str(sidecar_path(output))}
     if arrays is not None:
-        before = _labelled_accuracy(pair.model, str(model), arrays, str(validate), quiet)
-        after = _labelled_accuracy(result.model, str(output), arrays, str(validate), quiet)
+        before = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
+        # Measured on the graph exactly as it will be written (native forms and all).
+        after = _labelled_accuracy(rendered(result.model, result.records.values()), str(output), arrays, str(validate), quiet)
         summary.update(accuracy_before=before, accuracy_after=after, drop_pp=100 * (before - after))
         if max_drop is not None and summary["drop_pp"] > max_drop:
             raise CheckFailed(
@@ -428,6 +429,41 @@ def cluster(
         selection=Selection(tuple(layers), tuple(exclude), min_params),
     )
     _transform(model, output, force, lambda pair: run_cluster(pair.model, pair.records, config), "cluster",
+               validate, max_drop, as_json, quiet)
+
+
+@app.command(epilog="Examples:  modelsqueeze quantize m.onnx -o q8.onnx   (int8, per channel, symmetric)   |   "
+             "modelsqueeze quantize m.onnx -o q4.onnx --bits 4 --granularity block --block-size 32   |   "
+             "modelsqueeze quantize m.onnx -o q.onnx --bits 4 --unsigned --affine --range mse --validate test.npz")
+@handles_errors
+def quantize(
+    model: ModelArg,
+    output: OutputOpt,
+    bits: Annotated[int, typer.Option("--bits", "-b", help="2..8 bits per weight (8 and 4 map to ONNX int8/int4 DequantizeLinear).")] = 8,
+    signed: Annotated[bool, typer.Option("--signed/--unsigned", help="Signed (int8/int4) or unsigned (uint8/uint4) codes.")] = True,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--affine", help="Zero point at the grid's middle, or fitted to each group's min..max.")] = True,
+    granularity: Annotated[str, typer.Option("--granularity", "-g", help="tensor | channel (per output channel of each consumer) | block (along the input axis).")] = "channel",
+    block_size: Annotated[int, typer.Option("--block-size", help="Weights per block for --granularity block (32, 64, 128, ...).")] = 32,
+    range_method: Annotated[str, typer.Option("--range", help="minmax | mse (clipping that minimises squared error) | percentile.")] = "minmax",
+    percentile: Annotated[float, typer.Option("--percentile", help="With --range percentile: clip |w| at this percentile.")] = 99.99,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Linear weight quantization to int8/int4 (or 2..8 bits): per tensor, channel or block; zeros stay zero."""
+    from modelsqueeze.passes.quantize import QuantizeConfig, quantize as run_quantize
+
+    _check_finite(percentile=percentile)
+    config = QuantizeConfig(
+        bits=bits, signed=signed, symmetric=symmetric, granularity=granularity, block_size=block_size,
+        range=range_method, percentile=percentile, selection=Selection(tuple(layers), tuple(exclude), min_params),
+    )
+    _transform(model, output, force, lambda pair: run_quantize(pair.model, pair.records, config), "quantize",
                validate, max_drop, as_json, quiet)
 
 

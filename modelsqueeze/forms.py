@@ -1,6 +1,7 @@
 """How a compressed record appears in the ONNX graph: a dense initializer, or a native compact form
 built from standard ops, whichever is smaller: sparse as ScatterElements of the non-zeros into
-zeros, weight sharing as Gather(codebook, Cast(uint8/uint16 indices)), or both together.
+zeros, weight sharing as Gather(codebook, Cast(uint8/uint16 indices)), or both together, linear
+quantization as DequantizeLinear of int8/uint8/int4/uint4 codes.
 
 Every form of tensor NAME owns the nodes named `msq/NAME/...` and the initializers `NAME` or
 `NAME::...`; `remove` deletes exactly those, so a graph can be re-rendered or turned back into
@@ -13,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from modelsqueeze.kernels.quant import qrange
 from modelsqueeze.tensor import CompressedTensor
 
 AUX = "::"  # separates a tensor's name from its form's own initializers
@@ -103,6 +105,48 @@ def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
     return inits, nodes
 
 
+def _int_tensor(q: np.ndarray, name: str, bits: int, signed: bool) -> onnx.TensorProto:
+    """Integer codes as an ONNX tensor: 4-bit types packed two to a byte (low nibble first, as
+    ONNX stores INT4/UINT4), otherwise the smallest 8/16-bit type."""
+    if bits <= 4:
+        tensor = onnx.TensorProto(name=name, dims=list(q.shape),
+                                  data_type=onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4)
+        nibbles = (q.reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        return tensor
+    dtype = (np.int8 if signed else np.uint8) if bits <= 8 else (np.int16 if signed else np.uint16)
+    return numpy_helper.from_array(q.astype(dtype), name)
+
+
+def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[list, list] | None:
+    """DequantizeLinear of the integer codes (pruned entries hold the zero point, so they give 0):
+    per tensor from opset 10, per axis from 13, 4-bit and block-wise from 21; else None."""
+    bits = record.index_bits
+    need = 21 if (bits <= 4 and model_opset >= 21) or record.block_size else 13 if record.quant_axis is not None else 10
+    if record.dtype != "float32" or model_opset < need or bits > 16 or (bits > 8 and model_opset < 21):
+        return None
+    qmin = qrange(bits, record.signed)[0]
+    zero_point = record.zero_point.astype(np.int64)
+    codes = record.layout.expand(zero_point).reshape(-1).copy()
+    stored = np.arange(codes.size) if record.positions is None else record.positions
+    codes[stored] = record.indices.astype(np.int64) + qmin
+    container = bits if (bits <= 4 and model_opset >= 21) else max(bits, 8)
+    inits = [
+        _int_tensor(codes.reshape(record.shape), f"{name}{AUX}q", container, record.signed),
+        numpy_helper.from_array(record.scale.astype(np.float32), f"{name}{AUX}scale"),
+        _int_tensor(zero_point.reshape(record.scale.shape), f"{name}{AUX}zero_point", container, record.signed),
+    ]
+    attrs = {}
+    if record.quant_axis is not None:
+        attrs["axis"] = record.quant_axis
+    if record.block_size:
+        attrs["block_size"] = record.block_size
+    node = helper.make_node("DequantizeLinear", [t.name for t in inits], [name], name=node_prefix(name) + "dequantize", **attrs)
+    return inits, [node]
+
+
 def _size(form: tuple[list, list]) -> int:
     return sum(t.ByteSize() for t in form[0]) + sum(n.ByteSize() for n in form[1])
 
@@ -117,6 +161,8 @@ def choose(name: str, record: CompressedTensor, model_opset: int, dense: bool = 
         forms.append(_scatter(name, record))
     if record.codebook is not None and record.codebook.size + (record.positions is not None) <= 2**16:
         forms.append(_gather(name, record))
+    if record.scale is not None:
+        forms += [f for f in [_dequantize(name, record, model_opset)] if f is not None]
     return min(forms, key=_size)
 
 

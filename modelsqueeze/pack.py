@@ -53,6 +53,10 @@ class Pair:
     def records(self) -> dict[str, CompressedTensor]:
         return dict(self.sidecar.records) if self.sidecar else {}
 
+    def runnable(self) -> onnx.ModelProto:
+        """The graph as written (records in their native forms): what onnxruntime should run."""
+        return rendered(self.model, self.records.values()) if self.sidecar else self.model
+
 
 def _graph_for_key(model: onnx.ModelProto, key: str) -> tuple[onnx.GraphProto, str]:
     """The graph a record key lives in and the tensor's own name (the deepest subgraph wins)."""
@@ -76,6 +80,14 @@ def render(model: onnx.ModelProto, records: Iterable[CompressedTensor], dense: b
     for record in records:
         graph, name = _graph_for_key(model, record.name)
         forms.emit(graph, name, record, version, dense)
+
+
+def rendered(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onnx.ModelProto:
+    """A copy of the logical `model` with every record in its native form (the file's graph)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    render(copy, records)
+    return copy
 
 
 def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onnx.ModelProto:
@@ -112,15 +124,13 @@ def write_pair(
     inputs = [Path(p) for p in inputs]
     for target in (out, side):
         check_output(target, force, inputs + [sidecar_path(p) for p in inputs])
-    rendered = onnx.ModelProto()
-    rendered.CopyFrom(model)
-    render(rendered, records)
-    check_model(rendered, out, full=True)
-    data = encode_sidecar(list(records), graph_hash(rendered))
+    graph = rendered(model, records)
+    check_model(graph, out, full=True)
+    data = encode_sidecar(list(records), graph_hash(graph))
     # Both files are complete on disk before either is renamed into place.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        save_model(rendered, staged)
+        save_model(graph, staged)
         atomic_write_bytes(side, data)
         for extra in Path(tmp).iterdir():  # the model and, for huge models, its external data
             if extra != staged:

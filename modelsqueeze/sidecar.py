@@ -18,6 +18,7 @@ import numpy as np
 from modelsqueeze.codecs import get_codec, int_param
 from modelsqueeze.codecs.sparse import smaller_form
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.kernels.quant import Layout
 from modelsqueeze.tensor import CompressedTensor
 
 MAGIC = b"\x89MSQ\r\n\x1a\n"  # PNG-style: catches 7-bit transfers, CRLF/LF conversion and `type` on DOS
@@ -35,14 +36,18 @@ HEADER_BYTES = _HEADER.size
 RECORD_HEADER_BYTES = _RECORD.size
 _MIN_RECORD_BYTES = RECORD_HEADER_BYTES + ALIGN_BYTES  # a record's meta is at least `{}`
 
-DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack"}  # positions: the smaller form
+DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack", "scale": "raw", "zero_point": "raw"}
+# positions: the smaller form
 _POSITION_FORMS = ("bitmap", "gaps")
 _KIND_ROLES = {
     "raw": ("values",),
     "codebook": ("codebook", "indices"),
     "sparse+raw": ("positions", "values"),
     "sparse+codebook": ("positions", "codebook", "indices"),
+    "quant": ("scale", "zero_point", "indices"),
+    "sparse+quant": ("positions", "scale", "zero_point", "indices"),
 }
+_QUANT_KEYS = {"signed", "axis", "block_size"}
 _META_KEYS = {"name", "dtype", "shape", "kind", "streams"}
 _STREAM_KEYS = {"role", "codec", "count", "offset", "length"}
 
@@ -85,6 +90,13 @@ def _streams_of(record: CompressedTensor) -> list[tuple[str, np.ndarray, dict[st
             raise SidecarError(f"tensor {record.name!r}: the codebook must be 1-D, got shape {record.codebook.shape}")
         streams.append(("codebook", record.codebook, {"dtype": record.codebook.dtype.name}))
         streams.append(("indices", record.indices, {"bits": record.index_bits}))
+    if record.scale is not None:
+        zero_point = record.zero_point.reshape(-1)
+        fits = next(t for t in (np.int8, np.int16, np.int32) if zero_point.size == 0 or (
+            np.iinfo(t).min <= zero_point.min() and zero_point.max() <= np.iinfo(t).max))
+        streams.append(("scale", record.scale.reshape(-1), {"dtype": "float32"}))
+        streams.append(("zero_point", zero_point, {"dtype": np.dtype(fits).name}))
+        streams.append(("indices", record.indices, {"bits": record.index_bits}))
     return streams
 
 
@@ -118,8 +130,10 @@ def _encode_record(record: CompressedTensor) -> list[bytes]:
         payload += [data, bytes(_pad(len(data)))]
         payload_len += _aligned(len(data))
     meta = {"name": record.name, "dtype": record.dtype, "shape": list(record.shape), "kind": record.kind}
-    if record.codebook is not None:
+    if record.codebook is not None or record.scale is not None:
         meta["index_bits"] = record.index_bits
+    if record.scale is not None:
+        meta["quant"] = {"signed": record.signed, "axis": record.quant_axis, "block_size": record.block_size}
     meta["streams"] = descriptors
     try:
         meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -220,7 +234,9 @@ def _parse_meta(meta_bytes: memoryview) -> dict[str, Any]:
     kind = meta.get("kind")
     if not isinstance(kind, str) or kind not in _KIND_ROLES:
         raise ModelSqueezeError(f"unknown record kind {kind!r}; expected one of {', '.join(_KIND_ROLES)}")
-    expected_keys = _META_KEYS | ({"index_bits"} if "codebook" in _KIND_ROLES[kind] else set())
+    roles = _KIND_ROLES[kind]
+    expected_keys = _META_KEYS | ({"index_bits"} if "indices" in roles else set()) | (
+        {"quant"} if "scale" in roles else set())
     if set(meta) != expected_keys:
         raise ModelSqueezeError(f"a {kind} record's metadata keys are {sorted(meta)}, expected {sorted(expected_keys)}")
     if not isinstance(meta["name"], str) or not isinstance(meta["dtype"], str):
@@ -234,6 +250,15 @@ def _parse_meta(meta_bytes: memoryview) -> dict[str, Any]:
         raise ModelSqueezeError("metadata 'streams' must be a list of objects")
     if "index_bits" in meta:
         int_param(meta, "index_bits", 1, 16)
+    if "quant" in meta:
+        quant = meta["quant"]
+        if not isinstance(quant, dict) or set(quant) != _QUANT_KEYS:
+            raise ModelSqueezeError(f"'quant' must be an object with keys {sorted(_QUANT_KEYS)}")
+        if not isinstance(quant["signed"], bool):
+            raise ModelSqueezeError("'quant.signed' must be true or false")
+        if quant["axis"] is not None and not (_is_dim(quant["axis"]) and quant["axis"] < len(shape)):
+            raise ModelSqueezeError(f"'quant.axis' {quant['axis']!r} is not an axis of shape {shape}")
+        int_param(quant, "block_size", 0)
     return meta
 
 
@@ -303,6 +328,15 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
         for stream in meta["streams"]
         if stream["codec"] != DEFAULT_CODECS.get(stream["role"]) and stream["codec"] not in _POSITION_FORMS
     }
+    quant = meta.get("quant") or {}
+    scale, zero_point = arrays.get("scale"), arrays.get("zero_point")
+    if quant:
+        if quant["block_size"] and quant["axis"] is None:
+            raise ModelSqueezeError("a block size needs a quantization axis")
+        want = Layout(tuple(meta["shape"]), quant["axis"], quant["block_size"]).param_shape
+        if scale.size != math.prod(want) or zero_point.size != math.prod(want):
+            raise ModelSqueezeError(f"{scale.size} scales / {zero_point.size} zero points, the layout needs {math.prod(want)}")
+        scale, zero_point = scale.reshape(want), zero_point.reshape(want)
     record = CompressedTensor(
         name=meta["name"],
         shape=tuple(meta["shape"]),
@@ -313,6 +347,11 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
         index_bits=meta.get("index_bits", 0),
         positions=arrays.get("positions"),
         stream_codecs=non_default,
+        scale=scale,
+        zero_point=zero_point,
+        quant_axis=quant.get("axis"),
+        block_size=quant.get("block_size", 0),
+        signed=quant.get("signed", True),
     )
     return record, {stream["role"]: stream["length"] for stream in meta["streams"]}
 

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.kernels.quant import Layout, qrange
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -36,6 +37,13 @@ class CompressedTensor:
     index_bits: int = 0
     positions: np.ndarray | None = None
     stream_codecs: Mapping[str, str] = field(default_factory=dict)
+    # Linear quantization: entry i is (indices[i] + qmin - zero_point[g]) * scale[g] for its group g
+    # (one group, one per channel along quant_axis, or blocks of block_size along quant_axis).
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+    quant_axis: int | None = None
+    block_size: int = 0
+    signed: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -43,10 +51,13 @@ class CompressedTensor:
             raise ModelSqueezeError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {FLOAT_DTYPES}")
         if any(d < 0 for d in self.shape):
             raise ModelSqueezeError(f"tensor {self.name!r}: negative dimension in shape {self.shape}")
-        if (self.values is None) == (self.codebook is None):
-            raise ModelSqueezeError(f"tensor {self.name!r}: needs exactly one of raw values or a codebook")
-        if (self.codebook is None) != (self.indices is None):
-            raise ModelSqueezeError(f"tensor {self.name!r}: a codebook needs indices and indices a codebook")
+        forms = sum(part is not None for part in (self.values, self.codebook, self.scale))
+        if forms != 1:
+            raise ModelSqueezeError(f"tensor {self.name!r}: needs exactly one of raw values, a codebook or quantization scales")
+        if (self.values is None) != (self.indices is not None):
+            raise ModelSqueezeError(f"tensor {self.name!r}: a codebook or quantization needs indices, raw values none")
+        if self.scale is not None:
+            self._check_quant()
         n_stored = self.n_stored
         if self.positions is not None:
             pos = self.positions
@@ -64,6 +75,11 @@ class CompressedTensor:
             raise ModelSqueezeError(
                 f"tensor {self.name!r}: {stored.size} stored entries, expected {n_stored} as a 1-D array"
             )
+        if self.scale is not None:
+            if not 1 <= self.index_bits <= 16:
+                raise ModelSqueezeError(f"tensor {self.name!r}: quantization to {self.index_bits} bits is outside 1..16")
+            if self.indices.size and int(self.indices.max()) >= (1 << self.index_bits):
+                raise ModelSqueezeError(f"tensor {self.name!r}: a code does not fit in {self.index_bits} bits")
         if self.codebook is not None:
             if self.codebook.ndim != 1:
                 raise ModelSqueezeError(f"tensor {self.name!r}: the codebook must be a 1-D array")
@@ -74,6 +90,25 @@ class CompressedTensor:
                 )
             if self.indices.size and int(self.indices.max()) >= k:
                 raise ModelSqueezeError(f"tensor {self.name!r}: an index points past the {k}-entry codebook")
+
+    def _check_quant(self) -> None:
+        axis, rank = self.quant_axis, len(self.shape)
+        if axis is not None and not 0 <= axis < rank:
+            raise ModelSqueezeError(f"tensor {self.name!r}: quantization axis {axis} outside its {rank} dimensions")
+        if self.block_size < 0 or (self.block_size and axis is None):
+            raise ModelSqueezeError(f"tensor {self.name!r}: a block size needs an axis and must be positive")
+        want = self.layout.param_shape
+        if self.zero_point is None or self.scale.shape != want or self.zero_point.shape != want:
+            raise ModelSqueezeError(f"tensor {self.name!r}: scales and zero points must both have shape {want}")
+        if not np.all(np.isfinite(self.scale)) or np.any(self.scale <= 0):
+            raise ModelSqueezeError(f"tensor {self.name!r}: quantization scales must be finite and positive")
+        qmin, qmax = qrange(self.index_bits, self.signed) if 1 <= self.index_bits <= 16 else (0, 0)
+        if self.zero_point.size and (self.zero_point.min() < qmin or self.zero_point.max() > qmax):
+            raise ModelSqueezeError(f"tensor {self.name!r}: a zero point lies outside the {self.index_bits}-bit grid")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.shape, self.quant_axis, self.block_size)
 
     @property
     def n_params(self) -> int:
@@ -86,13 +121,22 @@ class CompressedTensor:
     @property
     def kind(self) -> str:
         """A short human name for the composition: dense, sparse, codebook or sparse+codebook."""
-        base = "codebook" if self.codebook is not None else "raw"
+        base = "codebook" if self.codebook is not None else "quant" if self.scale is not None else "raw"
         return f"sparse+{base}" if self.positions is not None else base
 
     def stored_values(self) -> np.ndarray:
         """The value of every stored entry, in storage order."""
         if self.codebook is not None:
             return self.codebook.astype(self.dtype, copy=False)[self.indices.astype(np.intp)]
+        if self.scale is not None:
+            q = self.indices.astype(np.int32) + qrange(self.index_bits, self.signed)[0]
+            groups = self.layout.groups().reshape(-1)
+            if self.positions is not None:
+                groups = groups[self.positions]
+            s = self.scale.astype(np.float32).reshape(-1)[groups]
+            z = self.zero_point.astype(np.int32).reshape(-1)[groups]
+            # (q - zero_point) * scale in float32: what ONNX DequantizeLinear computes.
+            return ((q - z).astype(np.float32) * s).astype(self.dtype)
         return self.values.astype(self.dtype, copy=False)
 
     def decode(self) -> np.ndarray:

@@ -1,0 +1,142 @@
+"""Linear (uniform) quantization: integer grids of 2..8 bits, signed or unsigned, symmetric or
+affine, one scale per tensor, per channel or per block; clipping range by min/max, percentile or
+least squared error. Zero is always exactly representable, so pruned weights stay zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RANGES = ("minmax", "mse", "percentile")
+GRANULARITIES = ("tensor", "channel", "block")
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer grid [qmin, qmax] of a `bits`-bit value."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a tensor's elements map to quantization groups: one group (axis None), one per index
+    along `axis` (block_size 0), or blocks of `block_size` consecutive elements along `axis`."""
+
+    shape: tuple[int, ...]
+    axis: int | None = None
+    block_size: int = 0
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of the scale / zero-point arrays, as ONNX DequantizeLinear wants them."""
+        if self.axis is None:
+            return ()
+        if self.block_size == 0:
+            return (self.shape[self.axis],)
+        blocked = list(self.shape)
+        blocked[self.axis] = -(-self.shape[self.axis] // self.block_size)
+        return tuple(blocked)
+
+    def expand(self, params: np.ndarray) -> np.ndarray:
+        """Per-group parameters broadcast / repeated to the tensor's full shape."""
+        params = np.asarray(params).reshape(self.param_shape)
+        if self.axis is None:
+            return np.broadcast_to(params, self.shape)
+        if self.block_size == 0:
+            view = [1] * len(self.shape)
+            view[self.axis] = self.shape[self.axis]
+            return np.broadcast_to(params.reshape(view), self.shape)
+        repeated = np.repeat(params, self.block_size, axis=self.axis)
+        return np.take(repeated, np.arange(self.shape[self.axis]), axis=self.axis)
+
+    def groups(self) -> np.ndarray:
+        """Group id of every element (row-major over param_shape), same shape as the tensor."""
+        ids = np.arange(int(np.prod(self.param_shape, dtype=np.int64))).reshape(self.param_shape)
+        return np.ascontiguousarray(self.expand(ids))
+
+
+def _group_reduce(values: np.ndarray, group: np.ndarray, n_groups: int, fn) -> np.ndarray:
+    """fn (np.maximum / np.minimum) of the values of each group; empty groups give 0."""
+    out = np.zeros(n_groups, dtype=np.float64)
+    init = -np.inf if fn is np.maximum else np.inf
+    out[:] = init
+    fn.at(out, group, values)
+    out[~np.isfinite(out)] = 0.0
+    return out
+
+
+def choose_params(
+    weights: np.ndarray, layout: Layout, bits: int, signed: bool, symmetric: bool,
+    range_method: str = "minmax", percentile: float = 99.99,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scale float32, zero_point int) per group. The range always contains 0; symmetric grids put
+    zero at the middle (0 signed, 2^(b-1) unsigned); `mse` shrinks each group's range to the
+    clipping that minimises the squared error; `percentile` clips at that percentile of |w|."""
+    if range_method not in RANGES:
+        raise ValueError(f"range {range_method!r} is not one of {RANGES}")
+    qmin, qmax = qrange(bits, signed)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    group = layout.groups().reshape(-1)
+    n_groups = int(np.prod(layout.param_shape, dtype=np.int64))
+    hi = np.maximum(_group_reduce(w, group, n_groups, np.maximum), 0.0)
+    lo = np.minimum(_group_reduce(w, group, n_groups, np.minimum), 0.0)
+    if range_method == "percentile":
+        hi, lo = _percentile_range(w, group, n_groups, percentile, hi, lo)
+    if range_method == "mse":
+        best = np.full(n_groups, np.inf)
+        best_ratio = np.ones(n_groups)
+        for ratio in np.linspace(0.3, 1.0, 71):
+            scale, zp = _params(hi * ratio, lo * ratio, qmin, qmax, symmetric, signed, bits)
+            err = _group_error(w, group, n_groups, scale, zp, qmin, qmax)
+            better = err < best
+            best[better], best_ratio[better] = err[better], ratio
+        hi, lo = hi * best_ratio, lo * best_ratio
+    scale, zp = _params(hi, lo, qmin, qmax, symmetric, signed, bits)
+    return scale.reshape(layout.param_shape).astype(np.float32), zp.reshape(layout.param_shape)
+
+
+def _params(hi, lo, qmin, qmax, symmetric, signed, bits):
+    if symmetric:
+        amax = np.maximum(hi, -lo)
+        half = (1 << (bits - 1)) - 1  # [-127, 127] for int8: the grid is symmetric about zero
+        scale = amax / half
+        zp = np.full(hi.shape, 0 if signed else 1 << (bits - 1), dtype=np.int64)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int64)
+    # float32 is what ONNX stores; an all-zero group still needs a positive scale.
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
+    return scale, zp
+
+
+def _group_error(w, group, n_groups, scale, zp, qmin, qmax) -> np.ndarray:
+    s, z = scale[group], zp[group]
+    q = np.clip(np.round(w / s) + z, qmin, qmax)
+    err = (q - z) * s - w
+    return np.bincount(group, weights=err * err, minlength=n_groups)
+
+
+def _percentile_range(w, group, n_groups, percentile, hi, lo):
+    order = np.lexsort((np.abs(w), group))
+    counts = np.bincount(group, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.clip(np.ceil(percentile / 100.0 * counts).astype(np.int64) - 1, 0, None)
+    limit = np.where(counts > 0, np.abs(w[order[np.minimum(starts + rank, w.size - 1)]]), 0.0)
+    return np.minimum(hi, limit), np.maximum(lo, -limit)
+
+
+def quantize(weights: np.ndarray, layout: Layout, scale: np.ndarray, zero_point: np.ndarray,
+             bits: int, signed: bool) -> np.ndarray:
+    """Integer codes (int64) on the grid: round(w / scale) + zero_point, clipped."""
+    qmin, qmax = qrange(bits, signed)
+    s = layout.expand(scale).astype(np.float64)
+    z = layout.expand(zero_point).astype(np.int64)
+    return np.clip(np.round(np.asarray(weights, np.float64) / s) + z, qmin, qmax).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, layout: Layout, scale: np.ndarray, zero_point: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """(q - zero_point) * scale in float32, exactly as ONNX DequantizeLinear computes it."""
+    s = layout.expand(scale).astype(np.float32)
+    z = layout.expand(zero_point).astype(np.int32)
+    return ((q.astype(np.int32) - z).astype(np.float32) * s).astype(dtype)

@@ -1,0 +1,127 @@
+"""The quantize pass: linear weight-only quantization (2..8 bits; per tensor, per output channel
+along each consumer's channel axis, or in blocks along its input axis). Zeros stay zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import version_converter
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.forms import opset
+from modelsqueeze.kernels import quant
+from modelsqueeze.model import WeightInfo
+from modelsqueeze.pack import put_array
+from modelsqueeze.passes import PassResult, Selection
+from modelsqueeze.sidecar import record_size
+from modelsqueeze.tensor import CompressedTensor
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of `modelsqueeze quantize`."""
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: str = "channel"
+    block_size: int = 32
+    range: str = "minmax"
+    percentile: float = 99.99
+    selection: Selection = field(default_factory=Selection)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ModelSqueezeError(f"--bits {self.bits}: expected 2 to 8 (8 and 4 map to ONNX int8 / int4)")
+        if self.granularity not in quant.GRANULARITIES:
+            raise ModelSqueezeError(f"--granularity {self.granularity!r}: expected one of {', '.join(quant.GRANULARITIES)}")
+        if self.range not in quant.RANGES:
+            raise ModelSqueezeError(f"--range {self.range!r}: expected one of {', '.join(quant.RANGES)}")
+        if self.block_size < 1:
+            raise ModelSqueezeError(f"--block-size {self.block_size}: must be positive")
+        if not 50.0 <= self.percentile <= 100.0:
+            raise ModelSqueezeError(f"--percentile {self.percentile}: expected 50 to 100")
+
+    @property
+    def needed_opset(self) -> int:
+        """The opset whose DequantizeLinear can say this natively (4-bit and blocks need 21)."""
+        if self.granularity == "block" or self.bits <= 4:
+            return 21
+        return 13 if self.granularity == "channel" else 10
+
+
+def layout_for(info: WeightInfo, array: np.ndarray, config: QuantizeConfig, notes: list[str]) -> quant.Layout:
+    """The grouping this consumer's layout allows: channels along its output axis, blocks along
+    its input axis; a tensor without one falls back to a single scale."""
+    if config.granularity == "channel":
+        if info.channel_axis is not None:
+            return quant.Layout(array.shape, info.channel_axis)
+        notes.append(f"{info.key}: no single output-channel axis ({info.ops}), one scale for the tensor")
+    elif config.granularity == "block":
+        if info.reduction_axis is not None:
+            return quant.Layout(array.shape, info.reduction_axis, config.block_size)
+        notes.append(f"{info.key}: no input axis to block along ({info.ops}), one scale for the tensor")
+    return quant.Layout(array.shape)
+
+
+def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig) -> CompressedTensor:
+    """The smaller of a dense record (zeros quantize exactly to the zero point) and one storing
+    only the non-zeros' codes with their positions."""
+    scale, zero_point = quant.choose_params(array, layout, config.bits, config.signed, config.symmetric,
+                                            config.range, config.percentile)
+    q = quant.quantize(array, layout, scale, zero_point, config.bits, config.signed).reshape(-1)
+    codes = (q - quant.qrange(config.bits, config.signed)[0]).astype(np.uint8)
+    common = dict(scale=scale, zero_point=zero_point.astype(np.int64), quant_axis=layout.axis,
+                  block_size=layout.block_size, signed=config.signed, index_bits=config.bits)
+    dense = CompressedTensor(name, array.shape, array.dtype.name, indices=codes, **common)
+    flat = array.reshape(-1)
+    positions = np.flatnonzero(flat)
+    if positions.size == flat.size:
+        return dense
+    sparse = CompressedTensor(name, array.shape, array.dtype.name, indices=codes[positions], positions=positions, **common)
+    return min((dense, sparse), key=record_size)
+
+
+def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.ModelProto:
+    """The model at opset `target` (IR 10 for 4-bit types), or unchanged with a note when the
+    converter cannot do it safely."""
+    current = opset(model)
+    if current >= target:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, target)
+        upgraded.ir_version = max(upgraded.ir_version, 10)
+        onnx.checker.check_model(upgraded, full_check=True)
+    except Exception as exc:  # the converter raises many types; any failure means "not safe"
+        notes.append(f"opset {current} could not be upgraded to {target} ({str(exc).splitlines()[0][:120]}); "
+                     f"quantized weights are kept as floats in the graph (the sidecar still packs them)")
+        return model
+    notes.append(f"opset upgraded {current} -> {target} for DequantizeLinear")
+    return upgraded
+
+
+def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: QuantizeConfig) -> PassResult:
+    """Apply `config` to a copy of the logical `model`."""
+    notes: list[str] = []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    selected = config.selection.pick(out)
+    if not selected:
+        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    if any(info.dtype == "float32" for info in selected):
+        out = _upgrade(out, config.needed_opset, notes)
+        selected = config.selection.pick(out)
+    new_records = dict(records)
+    changed = []
+    for info in selected:
+        array = info.array()
+        record = encode(info.key, array, layout_for(info, array, config, notes), config)
+        new_records[info.key] = record
+        put_array(out, info.key, record.decode())
+        changed.append(info.key)
+        if info.dtype != "float32":
+            notes.append(f"{info.key}: {info.dtype} weights stay floats in the graph (DequantizeLinear gives float32)")
+    return PassResult(model=out, records=new_records, changed=changed, notes=notes)
