@@ -38,6 +38,8 @@ sample-models: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_sidecar.py
+	$(PY) benchmarks/bench_kmeans.py
+	$(PY) benchmarks/bench_quantize.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .hypothesis .benchmarks $(VENV)

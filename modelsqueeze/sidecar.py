@@ -18,7 +18,7 @@ import numpy as np
 from modelsqueeze.codecs import get_codec, int_param
 from modelsqueeze.codecs.sparse import smaller_form
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.kernels.quant import Layout
+from modelsqueeze.kernels.quant import Layout, qrange
 from modelsqueeze.tensor import CompressedTensor
 
 MAGIC = b"\x89MSQ\r\n\x1a\n"  # PNG-style: catches 7-bit transfers, CRLF/LF conversion and `type` on DOS
@@ -36,7 +36,7 @@ HEADER_BYTES = _HEADER.size
 RECORD_HEADER_BYTES = _RECORD.size
 _MIN_RECORD_BYTES = RECORD_HEADER_BYTES + ALIGN_BYTES  # a record's meta is at least `{}`
 
-DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack", "scale": "raw", "zero_point": "raw"}
+DEFAULT_CODECS = {"values": "raw", "codebook": "raw", "indices": "bitpack", "scale": "raw", "zero_point": "bitpack"}
 # positions: the smaller form
 _POSITION_FORMS = ("bitmap", "gaps")
 _KIND_ROLES = {
@@ -91,11 +91,10 @@ def _streams_of(record: CompressedTensor) -> list[tuple[str, np.ndarray, dict[st
         streams.append(("codebook", record.codebook, {"dtype": record.codebook.dtype.name}))
         streams.append(("indices", record.indices, {"bits": record.index_bits}))
     if record.scale is not None:
-        zero_point = record.zero_point.reshape(-1)
-        fits = next(t for t in (np.int8, np.int16, np.int32) if zero_point.size == 0 or (
-            np.iinfo(t).min <= zero_point.min() and zero_point.max() <= np.iinfo(t).max))
+        # Zero points lie on the code grid: stored like the codes, as offsets from qmin at index_bits.
+        offsets = record.zero_point.reshape(-1).astype(np.int64) - qrange(record.index_bits, record.signed)[0]
         streams.append(("scale", record.scale.reshape(-1), {"dtype": "float32"}))
-        streams.append(("zero_point", zero_point, {"dtype": np.dtype(fits).name}))
+        streams.append(("zero_point", offsets, {"bits": record.index_bits}))
         streams.append(("indices", record.indices, {"bits": record.index_bits}))
     return streams
 
@@ -336,7 +335,8 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
         want = Layout(tuple(meta["shape"]), quant["axis"], quant["block_size"]).param_shape
         if scale.size != math.prod(want) or zero_point.size != math.prod(want):
             raise ModelSqueezeError(f"{scale.size} scales / {zero_point.size} zero points, the layout needs {math.prod(want)}")
-        scale, zero_point = scale.reshape(want), zero_point.reshape(want)
+        qmin = qrange(meta["index_bits"], quant["signed"])[0]
+        scale, zero_point = scale.reshape(want), zero_point.reshape(want).astype(np.int64) + qmin
     record = CompressedTensor(
         name=meta["name"],
         shape=tuple(meta["shape"]),

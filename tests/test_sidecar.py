@@ -338,7 +338,7 @@ def set_stream(role: str, **fields):
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (set_stream("indices", codec="huffman"), "stream 'indices': unknown stream codec 'huffman'"),
+        (set_stream("indices", codec="arithmetic"), "stream 'indices': unknown stream codec 'arithmetic'"),
         (set_stream("indices", offset=10**6), "stream 'indices': bytes 1000000..1000011 are not where"),
         (set_stream("indices", length=10**6), "outside the 104-byte payload"),
         (set_stream("indices", length=12), "stream 'indices' (bitpack): 21 values at 4 bits needs 11 bytes"),

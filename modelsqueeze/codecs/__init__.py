@@ -76,4 +76,4 @@ def check_n_bytes(data: bytes | memoryview, n_bytes: int, what: str) -> None:
 
 
 # Importing the built-in codecs registers them; they import StreamCodec from here, defined above.
-from modelsqueeze.codecs import bitpack, raw, sparse  # noqa: E402,F401
+from modelsqueeze.codecs import bitpack, huffman, raw, sparse  # noqa: E402,F401

@@ -103,12 +103,22 @@ def decode_bitmap(data: bytes | memoryview, count: int, size: int) -> np.ndarray
     return positions
 
 
-def _encode_gaps(gaps: np.ndarray, bits: int) -> tuple[bytes, int]:
+def _gap_symbols(gaps: np.ndarray, bits: int) -> np.ndarray:
     filler = (1 << bits) - 1
     n_fillers = gaps // filler
     closing = np.cumsum(n_fillers + 1) - 1  # index of the symbol that ends each gap
     symbols = np.full(int(closing[-1]) + 1 if closing.size else 0, filler, dtype=np.uint16)
     symbols[closing] = gaps - n_fillers * filler
+    return symbols
+
+
+def gap_symbols(positions: np.ndarray, bits: int) -> np.ndarray:
+    """The gap symbols (fillers included) of sorted positions at `bits` bits per symbol."""
+    return _gap_symbols(_gaps(check_positions(positions, _NO_LIMIT)), bits)
+
+
+def _encode_gaps(gaps: np.ndarray, bits: int) -> tuple[bytes, int]:
+    symbols = _gap_symbols(gaps, bits)
     return pack_bits(symbols, bits), symbols.size
 
 
@@ -118,8 +128,16 @@ def encode_gaps(positions: np.ndarray, bits: int) -> tuple[bytes, int]:
 
 
 def decode_gaps(data: bytes | memoryview, count: int, size: int, bits: int, n_symbols: int) -> np.ndarray:
+    return symbols_to_positions(unpack_bits(data, n_symbols, bits), bits, count, size)
+
+
+def symbols_to_positions(symbols: np.ndarray, bits: int, count: int, size: int) -> np.ndarray:
+    """Positions back from gap symbols; inconsistent symbols are a ModelSqueezeError."""
     filler = (1 << bits) - 1
-    symbols = unpack_bits(data, n_symbols, bits).astype(np.int64)
+    n_symbols = symbols.size
+    symbols = symbols.astype(np.int64)
+    if n_symbols and int(symbols.max()) > filler:
+        raise ModelSqueezeError(f"a gap symbol does not fit in {bits} bits")
     is_position = symbols < filler
     n_positions = int(np.count_nonzero(is_position))
     if n_positions != count:

@@ -1,0 +1,246 @@
+"""Canonical Huffman coding of small unsigned integers (codebook indices, quantized codes, gap
+symbols), code lengths limited to 16 bits, decoded with numpy: the stream is cut into chunks whose
+bit offsets are stored, and all chunks are decoded in lock-step through a 2^L-entry lookup table.
+
+Stream bytes: u32 alphabet size A, A u8 code lengths (0 = unused symbol), u32 chunk count C,
+C u32 chunk start bits, then the bits, each code most significant bit first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+from modelsqueeze.codecs import StreamCodec, int_param
+from modelsqueeze.codecs.sparse import gap_symbols, symbols_to_positions
+from modelsqueeze.errors import ModelSqueezeError
+
+MAX_CODE_BITS = 16
+MAX_ALPHABET = 1 << 16
+# Chunk offsets cost 32 bits each: keep them under ~0.2% of the coded bits, and chunks >= 64 symbols.
+_OFFSET_SHARE = 0.002
+_MIN_CHUNK = 64
+_ENCODE_BATCH = 1 << 20  # symbols expanded to bits at a time (bounds memory)
+
+
+def code_lengths(counts: np.ndarray, max_bits: int = MAX_CODE_BITS) -> np.ndarray:
+    """Huffman code lengths for symbol `counts` (0 for absent symbols), limited to `max_bits`.
+    One present symbol gets length 1. The loop is over the alphabet, never the stream."""
+    counts = np.asarray(counts, dtype=np.int64)
+    present = np.flatnonzero(counts)
+    lengths = np.zeros(counts.size, dtype=np.int64)
+    if present.size == 1:
+        lengths[present] = 1
+        return lengths
+    if present.size == 0:
+        return lengths
+    # Standard Huffman on the present symbols; ties broken by symbol for determinism.
+    heap = [(int(counts[s]), int(s), [int(s)]) for s in present]
+    heapq.heapify(heap)
+    depth = {int(s): 0 for s in present}
+    while len(heap) > 1:
+        c1, k1, s1 = heapq.heappop(heap)
+        c2, k2, s2 = heapq.heappop(heap)
+        for s in s1 + s2:
+            depth[s] += 1
+        heapq.heappush(heap, (c1 + c2, min(k1, k2), s1 + s2))
+    for s, d in depth.items():
+        lengths[s] = d
+    if lengths.max() > max_bits:
+        lengths = _limit(lengths, counts, max_bits)
+    return lengths
+
+
+def _limit(lengths: np.ndarray, counts: np.ndarray, max_bits: int) -> np.ndarray:
+    """Clamp to max_bits, then restore the Kraft inequality by lengthening the cheapest codes
+    (the least frequent ones that are still shorter than max_bits)."""
+    lengths = np.minimum(lengths, max_bits)
+    present = np.flatnonzero(lengths)
+    kraft = int(np.sum(1 << (max_bits - lengths[present])))
+    budget = 1 << max_bits
+    order = sorted(present, key=lambda s: (counts[s], -lengths[s], s))
+    while kraft > budget:
+        for s in order:
+            if lengths[s] < max_bits:
+                kraft -= 1 << (max_bits - lengths[s] - 1)
+                lengths[s] += 1
+                if kraft <= budget:
+                    break
+    return lengths
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical code of each symbol: by increasing length, then symbol."""
+    codes = np.zeros(lengths.size, dtype=np.int64)
+    present = np.flatnonzero(lengths)
+    order = present[np.lexsort((present, lengths[present]))]
+    code, prev = 0, 0
+    for s in order:
+        code <<= int(lengths[s]) - prev
+        codes[s] = code
+        prev = int(lengths[s])
+        code += 1
+    return codes
+
+
+def _chunking(n: int, coded_bits: int) -> int:
+    """Symbols per chunk."""
+    n_chunks = max(1, min(int(_OFFSET_SHARE * coded_bits / 32), n // _MIN_CHUNK))
+    return max(1, -(-n // n_chunks))
+
+
+def encode_symbols(symbols: np.ndarray, alphabet: int | None = None) -> tuple[bytes, int]:
+    """(stream bytes, symbols per chunk) for 1-D non-negative integers below 2^16."""
+    symbols = np.asarray(symbols)
+    if symbols.ndim != 1 or (symbols.size and not np.issubdtype(symbols.dtype, np.integer)):
+        raise ModelSqueezeError("Huffman coding needs a 1-D integer array")
+    n = symbols.size
+    if n and (int(symbols.min()) < 0 or int(symbols.max()) >= MAX_ALPHABET):
+        raise ModelSqueezeError(f"Huffman symbols must lie in 0..{MAX_ALPHABET - 1}")
+    size = max(int(symbols.max()) + 1 if n else 0, alphabet or 0)
+    counts = np.bincount(symbols, minlength=size) if n else np.zeros(size, np.int64)
+    lengths = code_lengths(counts)
+    if np.count_nonzero(counts) == 1:  # one distinct symbol: the table says it all, no bits, no chunks
+        return struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<I", 0), n
+    codes = canonical_codes(lengths)
+    sym_len = lengths[symbols] if n else np.zeros(0, np.int64)
+    coded_bits = int(sym_len.sum())
+    chunk = _chunking(n, coded_bits) if n else 1
+    starts = np.concatenate([[0], np.cumsum(sym_len)]).astype(np.int64)  # bit start of each symbol
+    offsets = starts[:-1:chunk] if n else np.zeros(0, np.int64)
+    bits = np.zeros(coded_bits, dtype=np.uint8)
+    for lo in range(0, n, _ENCODE_BATCH):  # expand codes to bits, a batch at a time
+        s = symbols[lo:lo + _ENCODE_BATCH]
+        ln = sym_len[lo:lo + _ENCODE_BATCH]
+        first = starts[lo]
+        owner = np.repeat(np.arange(s.size), ln)
+        k = np.arange(owner.size) - np.repeat(starts[lo:lo + s.size] - first, ln)
+        bits[first:first + owner.size] = (codes[s][owner] >> (ln[owner] - 1 - k)) & 1
+    header = struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<I", offsets.size)
+    return header + offsets.astype("<u4").tobytes() + np.packbits(bits).tobytes(), chunk
+
+
+def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarray:
+    """The `count` symbols of a stream made by encode_symbols; corrupt input is a ModelSqueezeError."""
+    data = memoryview(data)
+    if len(data) < 4:
+        raise ModelSqueezeError("Huffman stream is shorter than its header")
+    (size,) = struct.unpack_from("<I", data, 0)
+    if size > MAX_ALPHABET or len(data) < 8 + size:
+        raise ModelSqueezeError(f"Huffman alphabet of {size} symbols does not fit the stream")
+    lengths = np.frombuffer(data, np.uint8, size, 4).astype(np.int64)
+    (n_chunks,) = struct.unpack_from("<I", data, 4 + size)
+    table_end = 8 + size + 4 * n_chunks
+    if count and n_chunks == 0:  # a constant stream: exactly one symbol has a code
+        present = np.flatnonzero(lengths)
+        if present.size != 1 or len(data) != table_end:
+            raise ModelSqueezeError("Huffman stream without chunks must hold exactly one symbol and no bits")
+        return np.full(count, present[0], np.uint16)
+    expect_chunks = -(-count // chunk) if count else 0
+    if n_chunks != expect_chunks or len(data) < table_end:
+        raise ModelSqueezeError(f"Huffman stream has {n_chunks} chunks, {expect_chunks} expected")
+    if count == 0:
+        return np.zeros(0, np.uint16)
+    if lengths.max(initial=0) > MAX_CODE_BITS or not lengths.any():
+        raise ModelSqueezeError("Huffman code lengths are out of range")
+    present = np.flatnonzero(lengths)
+    if int(np.sum(1 << (MAX_CODE_BITS - lengths[present]))) > 1 << MAX_CODE_BITS:
+        raise ModelSqueezeError("Huffman code lengths do not form a prefix code")
+    width = int(lengths.max())
+    codes = canonical_codes(lengths)
+    # Lookup table on the next `width` bits: symbol and code length (0 marks no code).
+    span = 1 << (width - lengths[present])
+    first = codes[present] << (width - lengths[present])
+    table_sym = np.zeros(1 << width, np.uint16)
+    table_len = np.zeros(1 << width, np.int64)
+    where = np.repeat(first, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+    table_sym[where] = np.repeat(present, span)
+    table_len[where] = np.repeat(lengths[present], span)
+    offsets = np.frombuffer(data, "<u4", n_chunks, 8 + size).astype(np.int64)
+    stream = np.frombuffer(data, np.uint8, len(data) - table_end, table_end)
+    total_bits = stream.size * 8
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > total_bits:
+        raise ModelSqueezeError("Huffman chunk offsets are not increasing inside the stream")
+    padded = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.int64)
+    sizes = np.full(n_chunks, chunk)
+    sizes[-1] = count - chunk * (n_chunks - 1)
+    out = np.zeros((n_chunks, chunk), np.uint16)
+    pos = offsets.copy()
+    mask = (1 << width) - 1
+    for step in range(chunk):
+        live = slice(None) if step < sizes[-1] else slice(0, n_chunks - 1)
+        p = pos[live]
+        byte = p >> 3
+        window = (padded[byte] << 16) | (padded[byte + 1] << 8) | padded[byte + 2]
+        index = (window >> (24 - width - (p & 7))) & mask
+        length = table_len[index]
+        if not length.all():
+            raise ModelSqueezeError("Huffman stream holds a bit pattern that is no code")
+        out[live, step] = table_sym[index]
+        pos[live] = p + length
+    ends = np.append(offsets[1:], -1)
+    if np.any(pos[:-1] != ends[:-1]) or pos[-1] > total_bits:
+        raise ModelSqueezeError("Huffman chunks do not end where the next begins (corrupt stream)")
+    return out.reshape(-1)[:count]
+
+
+class HuffmanCodec(StreamCodec, key="huffman"):
+    """Symbols (codebook indices, quantized codes) Huffman coded; `bits` is the width they fit."""
+
+    param_names = ("bits", "chunk")
+
+    @classmethod
+    def encode(cls, array: np.ndarray, **hints: Any) -> tuple[bytes, dict[str, Any]]:
+        bits = int(hints.get("bits", 16))
+        data, chunk = encode_symbols(np.asarray(array), 1 << bits if bits <= 16 else None)
+        return data, {"bits": bits, "chunk": chunk}
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview, count: int, params: Mapping[str, Any]) -> np.ndarray:
+        bits = int_param(params, "bits", 1, 16)
+        chunk = int_param(params, "chunk", 1)
+        symbols = decode_symbols(data, count, chunk)
+        if symbols.size and int(symbols.max()) >= 1 << bits:
+            raise ModelSqueezeError(f"a Huffman symbol does not fit in {bits} bits")
+        return symbols.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+class HuffmanGapsCodec(StreamCodec, key="huffman-gaps"):
+    """Sparse positions as Deep Compression's relative gaps (fillers included), Huffman coded."""
+
+    param_names = ("bits", "size", "symbols", "chunk")
+
+    @classmethod
+    def encode(cls, array: np.ndarray, **hints: Any) -> tuple[bytes, dict[str, Any]]:
+        size = int(hints["size"])
+        bits, symbols = _best_gap_symbols(np.asarray(array, np.int64))
+        data, chunk = encode_symbols(symbols, 1 << bits)
+        return data, {"bits": bits, "size": size, "symbols": int(symbols.size), "chunk": chunk}
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview, count: int, params: Mapping[str, Any]) -> np.ndarray:
+        bits = int_param(params, "bits", 1, 16)
+        size = int_param(params, "size", 0)
+        n_symbols = int_param(params, "symbols", 0)
+        chunk = int_param(params, "chunk", 1)
+        symbols = decode_symbols(data, n_symbols, chunk)
+        return symbols_to_positions(symbols, bits, count, size)
+
+
+def _best_gap_symbols(positions: np.ndarray) -> tuple[int, np.ndarray]:
+    """The gap width whose symbols have the smallest entropy-coded size (estimated as n * H plus
+    a byte of code length per symbol of the alphabet)."""
+    best = None
+    for bits in range(1, MAX_CODE_BITS + 1):
+        symbols = gap_symbols(positions, bits)
+        counts = np.bincount(symbols, minlength=1 << bits).astype(np.float64)
+        p = counts[counts > 0] / max(symbols.size, 1)
+        cost = float(-(counts[counts > 0] * np.log2(p)).sum()) / 8 + (1 << bits)
+        if best is None or cost < best[0]:
+            best = (cost, bits, symbols)
+        if (1 << bits) > 4 * max(symbols.size, 1):
+            break  # wider alphabets only add table bytes from here on
+    return best[1], best[2]
