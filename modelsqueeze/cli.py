@@ -467,6 +467,30 @@ def quantize(
                validate, max_drop, as_json, quiet)
 
 
+@app.command(epilog="Examples:  modelsqueeze huffman shared.onnx -o coded.onnx   |   "
+             "modelsqueeze huffman q4.onnx -o q4h.onnx --layers 'fc*'")
+@handles_errors
+def huffman(
+    model: ModelArg,
+    output: OutputOpt,
+    max_unique: Annotated[int, typer.Option("--max-unique", help="Plain weights with at most this many distinct values are coded losslessly.")] = 256,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Canonical Huffman coding of the sidecar's index, code and position streams (lossless)."""
+    from modelsqueeze.passes.huffman import HuffmanConfig, huffman as run_huffman
+
+    config = HuffmanConfig(max_unique=max_unique, selection=Selection(tuple(layers), tuple(exclude), min_params))
+    _transform(model, output, force, lambda pair: run_huffman(pair.model, pair.records, config), "huffman",
+               validate, max_drop, as_json, quiet)
+
+
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")
 @handles_errors
 def unpack(

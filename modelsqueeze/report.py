@@ -38,6 +38,10 @@ class TensorRow:
     unique_values: int
     original_bytes: int
     stored_bytes: int
+    # For records with codes (codebook indices, quantized codes): bits each code takes as stored,
+    # and the Shannon entropy of the codes, the limit any entropy coder can reach.
+    index_bits_stored: float | None = None
+    index_entropy_bits: float | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -112,6 +116,13 @@ def _gzip_size(*blobs: bytes) -> int:
     return total
 
 
+def entropy_bits(symbols: np.ndarray) -> float:
+    """Shannon entropy of a stream of non-negative integers, in bits per symbol."""
+    counts = np.bincount(symbols.astype(np.int64))
+    p = counts[counts > 0] / symbols.size
+    return float(-(p * np.log2(p)).sum())
+
+
 def tensor_rows(pair: Pair) -> list[TensorRow]:
     records = pair.records
     record_bytes = pair.sidecar.record_bytes if pair.sidecar else {}
@@ -119,8 +130,14 @@ def tensor_rows(pair: Pair) -> list[TensorRow]:
     for info in find_weights(pair.model):
         array = info.array()
         record = records.get(info.key)
+        codes_stored = codes_entropy = None
         if record is not None:
             kind, stored = f"msq:{record.kind}", record_bytes[info.key]
+            if record.indices is not None and record.indices.size:
+                coded = "+huffman" if record.stream_codecs else ""
+                kind += coded
+                codes_stored = 8.0 * pair.sidecar.stream_bytes[info.key]["indices"] / record.indices.size
+                codes_entropy = entropy_bits(record.indices)
         elif info.source == "sparse_initializer":
             kind = "sparse_initializer"
             stored = info.proto.values.ByteSize() + info.proto.indices.ByteSize()
@@ -132,6 +149,7 @@ def tensor_rows(pair: Pair) -> list[TensorRow]:
                 dtype=info.dtype, kind=kind,
                 sparsity=float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0,
                 unique_values=int(np.unique(array).size), original_bytes=int(array.nbytes), stored_bytes=int(stored),
+                index_bits_stored=codes_stored, index_entropy_bits=codes_entropy,
             )
         )
     return rows
@@ -206,13 +224,14 @@ def _summary_lines(report: Report) -> list[tuple[str, str]]:
     return lines
 
 
-_COLUMNS = ["tensor", "op", "shape", "params", "dtype", "stored as", "sparsity", "unique", "bits/w", "bits/nz", "bytes orig → stored"]
+_COLUMNS = ["tensor", "op", "shape", "params", "dtype", "stored as", "sparsity", "unique", "bits/w", "bits/nz", "code bits (H)", "bytes orig → stored"]
 
 
 def _row_cells(t: TensorRow) -> list[str]:
     return [
         t.name, t.ops, "×".join(map(str, t.shape)) or "scalar", f"{t.params:,}", t.dtype, t.kind,
         f"{100 * t.sparsity:.1f}%", f"{t.unique_values:,}", f"{t.bits_per_weight:.2f}", f"{t.bits_per_nonzero:.2f}",
+        "-" if t.index_bits_stored is None else f"{t.index_bits_stored:.2f} ({t.index_entropy_bits:.2f})",
         f"{t.original_bytes:,} → {t.stored_bytes:,}",
     ]
 
@@ -221,14 +240,14 @@ def _total_cells(report: Report) -> list[str]:
     tot = report.totals()
     return [
         "total", "", "", f"{tot['params']:,}", "", "", f"{100 * tot['sparsity']:.1f}%", "",
-        f"{tot['bits_per_weight']:.2f}", f"{tot['bits_per_nonzero']:.2f}", f"{tot['original_bytes']:,} → {tot['stored_bytes']:,}",
+        f"{tot['bits_per_weight']:.2f}", f"{tot['bits_per_nonzero']:.2f}", "", f"{tot['original_bytes']:,} → {tot['stored_bytes']:,}",
     ]
 
 
 def rich_table(report: Report) -> Table:
     table = Table(title=escape(report.model), title_justify="left", box=box.SIMPLE_HEAD)
     for col in _COLUMNS:
-        right = col in ("params", "sparsity", "unique", "bits/w", "bits/nz")
+        right = col in ("params", "sparsity", "unique", "bits/w", "bits/nz", "code bits (H)")
         table.add_column(col, justify="right" if right else "left", no_wrap=col != "bytes orig → stored")
     for t in report.tensors:
         table.add_row(*map(Text, _row_cells(t)))
