@@ -3,7 +3,8 @@ symbols), code lengths limited to 16 bits, decoded with numpy: the stream is cut
 bit offsets are stored, and all chunks are decoded in lock-step through a 2^L-entry lookup table.
 
 Stream bytes: u32 alphabet size A, A u8 code lengths (0 = unused symbol), u32 chunk count C,
-C u32 chunk start bits, then the bits, each code most significant bit first.
+u32 number of coded bits, C u32 chunk start bits, then the bits (each code most significant bit
+first) zero-padded to a whole byte. A constant stream has C = 0 and no bits.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def encode_symbols(symbols: np.ndarray, alphabet: int | None = None) -> tuple[by
     counts = np.bincount(symbols, minlength=size) if n else np.zeros(size, np.int64)
     lengths = code_lengths(counts)
     if np.count_nonzero(counts) == 1:  # one distinct symbol: the table says it all, no bits, no chunks
-        return struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<I", 0), n
+        return struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<II", 0, 0), n
     codes = canonical_codes(lengths)
     sym_len = lengths[symbols] if n else np.zeros(0, np.int64)
     coded_bits = int(sym_len.sum())
@@ -119,7 +120,9 @@ def encode_symbols(symbols: np.ndarray, alphabet: int | None = None) -> tuple[by
         owner = np.repeat(np.arange(s.size), ln)
         k = np.arange(owner.size) - np.repeat(starts[lo:lo + s.size] - first, ln)
         bits[first:first + owner.size] = (codes[s][owner] >> (ln[owner] - 1 - k)) & 1
-    header = struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<I", offsets.size)
+    if coded_bits >= 1 << 32:
+        raise ModelSqueezeError("a Huffman stream over 2^32 bits (512 MiB) is not supported")
+    header = struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<II", offsets.size, coded_bits)
     return header + offsets.astype("<u4").tobytes() + np.packbits(bits).tobytes(), chunk
 
 
@@ -132,11 +135,13 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
     if size > MAX_ALPHABET or len(data) < 8 + size:
         raise ModelSqueezeError(f"Huffman alphabet of {size} symbols does not fit the stream")
     lengths = np.frombuffer(data, np.uint8, size, 4).astype(np.int64)
-    (n_chunks,) = struct.unpack_from("<I", data, 4 + size)
-    table_end = 8 + size + 4 * n_chunks
+    if len(data) < 12 + size:
+        raise ModelSqueezeError("Huffman stream is shorter than its header")
+    n_chunks, coded_bits = struct.unpack_from("<II", data, 4 + size)
+    table_end = 12 + size + 4 * n_chunks
     if count and n_chunks == 0:  # a constant stream: exactly one symbol has a code
         present = np.flatnonzero(lengths)
-        if present.size != 1 or len(data) != table_end:
+        if present.size != 1 or len(data) != table_end or coded_bits:
             raise ModelSqueezeError("Huffman stream without chunks must hold exactly one symbol and no bits")
         return np.full(count, present[0], np.uint16)
     expect_chunks = -(-count // chunk) if count else 0
@@ -159,9 +164,11 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
     where = np.repeat(first, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
     table_sym[where] = np.repeat(present, span)
     table_len[where] = np.repeat(lengths[present], span)
-    offsets = np.frombuffer(data, "<u4", n_chunks, 8 + size).astype(np.int64)
+    offsets = np.frombuffer(data, "<u4", n_chunks, 12 + size).astype(np.int64)
     stream = np.frombuffer(data, np.uint8, len(data) - table_end, table_end)
-    total_bits = stream.size * 8
+    total_bits = coded_bits
+    if stream.size != -(-coded_bits // 8):
+        raise ModelSqueezeError(f"Huffman stream holds {stream.size} bytes for {coded_bits} coded bits")
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > total_bits:
         raise ModelSqueezeError("Huffman chunk offsets are not increasing inside the stream")
     padded = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.int64)
@@ -182,7 +189,7 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
         out[live, step] = table_sym[index]
         pos[live] = p + length
     ends = np.append(offsets[1:], -1)
-    if np.any(pos[:-1] != ends[:-1]) or pos[-1] > total_bits:
+    if np.any(pos[:-1] != ends[:-1]) or pos[-1] != total_bits:
         raise ModelSqueezeError("Huffman chunks do not end where the next begins (corrupt stream)")
     return out.reshape(-1)[:count]
 
