@@ -171,27 +171,33 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
         raise ModelSqueezeError(f"Huffman stream holds {stream.size} bytes for {coded_bits} coded bits")
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > total_bits:
         raise ModelSqueezeError("Huffman chunk offsets are not increasing inside the stream")
+    # Every byte's big-endian 32-bit window, so each step reads its bits with one gather; one
+    # table entry holds symbol << 5 | length.
     padded = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.int64)
+    windows = (padded[:-3] << 24) | (padded[1:-2] << 16) | (padded[2:-1] << 8) | padded[3:]
+    table = (table_sym.astype(np.int64) << 5) | table_len
     sizes = np.full(n_chunks, chunk)
     sizes[-1] = count - chunk * (n_chunks - 1)
-    out = np.zeros((n_chunks, chunk), np.uint16)
-    pos = offsets.copy()
-    mask = (1 << width) - 1
+    out = np.zeros((chunk, n_chunks), np.int64)
+    pos = offsets.astype(np.int64)
+    drop = 32 - width
+    full = sizes[-1] == chunk
     for step in range(chunk):
-        live = slice(None) if step < sizes[-1] else slice(0, n_chunks - 1)
-        p = pos[live]
-        byte = p >> 3
-        window = (padded[byte] << 16) | (padded[byte + 1] << 8) | padded[byte + 2]
-        index = (window >> (24 - width - (p & 7))) & mask
-        length = table_len[index]
-        if not length.all():
-            raise ModelSqueezeError("Huffman stream holds a bit pattern that is no code")
-        out[live, step] = table_sym[index]
-        pos[live] = p + length
+        if not full and step == sizes[-1]:  # the last, shorter chunk is done
+            pos_last, pos = pos[-1], pos[:-1]
+        entry = table[((windows[pos >> 3] << (pos & 7)) & 0xFFFFFFFF) >> drop]
+        out[step, : pos.size] = entry
+        pos = pos + (entry & 31)
+    if not full:  # a shorter last chunk implies at least two chunks
+        pos = np.append(pos, pos_last)
+    lengths_seen = out & 31
+    if not np.all(lengths_seen[:, : n_chunks - (not full)]) or not np.all(lengths_seen[: sizes[-1], -1]):
+        raise ModelSqueezeError("Huffman stream holds a bit pattern that is no code")
+    out >>= 5
     ends = np.append(offsets[1:], -1)
     if np.any(pos[:-1] != ends[:-1]) or pos[-1] != total_bits:
         raise ModelSqueezeError("Huffman chunks do not end where the next begins (corrupt stream)")
-    return out.reshape(-1)[:count]
+    return np.ascontiguousarray(out.T).reshape(-1)[:count].astype(np.uint16)
 
 
 class HuffmanCodec(StreamCodec, key="huffman"):
