@@ -112,10 +112,8 @@ def check_result(values, k, centroids, labels, weights=None):
     assert centroids.dtype == np.float64 and labels.dtype == np.intp
     assert centroids.shape == (min(k, n_distinct),) and labels.shape == (flat.size,)
     assert (np.diff(centroids) > 0).all()
-    # Nearest centroid (to rounding: exact ties go to the lower one, see the test of assign).
-    distance = np.abs(flat[:, None] - centroids[None, :])
-    tol = 1e-12 * (1 + np.abs(flat))
-    assert (distance[np.arange(flat.size), labels] <= distance.min(axis=1) + tol).all()
+    # The nearest centroid by float64 distance, ties to the lower one: the first argmin.
+    np.testing.assert_array_equal(labels, np.abs(flat[:, None] - centroids[None, :]).argmin(axis=1))
     w = np.ones(flat.size) if weights is None else weights
     assert (np.bincount(labels, weights=w, minlength=centroids.size) > 0).all()
 
@@ -201,12 +199,35 @@ def test_large_k_refills_empty_clusters_and_converges():
         assert c.size == 2000 and (check_small > 0).all() and (np.diff(c) > 0).all()
 
 
+@pytest.mark.parametrize("init", LLOYD_INITS)
+def test_k_clusters_whenever_there_are_k_distinct_values(init):
+    # Two values hold almost all the weight, 1500 rare ones the rest: histogram bins and quantiles
+    # collapse, yet every start must end with exactly k non-empty clusters.
+    rng = np.random.default_rng(6)
+    values = np.concatenate([np.zeros(50_000), np.ones(50_000), rng.normal(0, 3, 1500)])
+    for k in (3, 700, 1400):
+        c, labels = km.kmeans1d(values, k, init=init)
+        assert c.size == k and (np.diff(c) > 0).all()
+        assert (np.bincount(labels, minlength=k) > 0).all()
+
+
 def test_assign_ties_go_to_the_lower_centroid():
     centroids = np.array([0.0, 2.0, 4.0])
     np.testing.assert_array_equal(km.assign(np.array([[1.0, 3.0], [-5.0, 9.0]]), centroids), [[0, 1], [0, 2]])
 
 
-def test_assign_grid_equals_binary_search():
+def first_nearest(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether every label is the first nearest centroid: distances along sorted centroids fall
+    then rise, so being strictly nearer than the left neighbour and no farther than the right one
+    is enough."""
+    v = values.astype(np.float64)
+    d = np.abs(v - centroids[labels])
+    left = np.abs(v - centroids[np.maximum(labels - 1, 0)])
+    right = np.abs(v - centroids[np.minimum(labels + 1, centroids.size - 1)])
+    return bool((((labels == 0) | (left > d)) & ((labels == centroids.size - 1) | (right >= d))).all())
+
+
+def test_assign_grid_gives_the_first_nearest_centroid():
     rng = np.random.default_rng(5)
     for k in (2, 256, 7000):
         values = rng.laplace(0, 0.05, 300_000).astype(np.float32)
@@ -214,13 +235,26 @@ def test_assign_grid_equals_binary_search():
         midpoints = 0.5 * (centroids[1:] + centroids[:-1])
         values[:midpoints.size] = midpoints.astype(np.float32)  # values on (rounded) midpoints
         values[-2:] = [values.min() - 1, values.max() + 1]
-        expected = np.searchsorted(midpoints, values, side="left")
-        np.testing.assert_array_equal(km.assign(values, centroids), expected)
-        np.testing.assert_array_equal(km.assign(values.astype(np.float64), centroids), expected)
+        for v in (values, values.astype(np.float64)):
+            labels = km.assign(v, centroids)
+            assert first_nearest(v, centroids, labels)
+            clear = np.abs(v[:, None] - midpoints[np.clip(labels[:, None] + [-1, 0], 0, k - 2)]).min(1) > 1e-9
+            np.testing.assert_array_equal(labels[clear], np.searchsorted(midpoints, v[clear]))
     values = rng.normal(size=200_000)
-    centroids = np.array([-1.0, 0.0, 0.0, 1.0])  # repeated centroids are allowed (ascending)
-    np.testing.assert_array_equal(km.assign(values, centroids),
-                                  np.searchsorted(0.5 * (centroids[1:] + centroids[:-1]), values))
+    centroids = np.array([-1.0, 0.0, 0.0, 1.0])  # repeated centroids are allowed: the first wins
+    labels = km.assign(values, centroids)
+    assert first_nearest(values, centroids, labels) and not (labels == 2).any()
+
+
+def test_values_an_ulp_apart_stay_apart():
+    a = 0.1
+    values = np.array([a, np.nextafter(a, 1), np.nextafter(np.nextafter(a, 1), 1), 5.0])
+    for method in ("lloyd", "optimal"):
+        centroids, labels = km.kmeans1d(values, 4, method=method)
+        np.testing.assert_array_equal(centroids, values)
+        np.testing.assert_array_equal(labels, [0, 1, 2, 3])
+    centroids, labels = km.kmeans1d(np.repeat(values, 3), 3)
+    check_result(np.repeat(values, 3), 3, centroids, labels)
 
 
 def test_wcss_matches_definition():

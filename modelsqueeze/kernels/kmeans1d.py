@@ -33,6 +33,8 @@ _BLOCK = 8
 _MOVE_GAIN = 1e-3
 # Split points tried per cluster when refilling, moving or re-splitting clusters.
 _SPLIT_POINTS = 32
+# Bound on the steps after max_iter that refill empty clusters (they end in exact arithmetic).
+_MAX_FINAL_STEPS = 1000
 # assign() uses its lookup grid from this many values on.
 _GRID_MIN_VALUES = 1 << 16
 
@@ -70,7 +72,7 @@ def kmeans1d(values: np.ndarray, k: int, *, init: str = "auto", method: str = "l
                              f"(got {data.n}); method 'lloyd' with init 'auto' is near-optimal")
         centroids = data.exact_means(_dp_bounds(data.W, data.S, data.Q, k))
     else:
-        centroids = _lloyd(data, _start(data, k, init, seed), max_iter)
+        centroids = _lloyd(data, _start(data, k, init, seed), k, max_iter)
     return centroids, assign(flat, centroids)
 
 
@@ -102,13 +104,21 @@ def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         raise ValueError("values must be finite real numbers")
     midpoints = _midpoints(centroids)
     flat = values.reshape(-1)
-    if flat.size < _GRID_MIN_VALUES or midpoints.size == 0 or flat.min() == flat.max():
-        return np.searchsorted(midpoints, values, side="left").astype(np.intp, copy=False)
-    return _grid_search(midpoints, flat).reshape(values.shape)
-
-
-def _grid_search(midpoints: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    if midpoints.size == 0:
+        return np.zeros(values.shape, dtype=np.intp)
     lo, hi = float(flat.min()), float(flat.max())
+    # The grid needs cells far wider than the rounding of the values (see _grid_search).
+    if flat.size < _GRID_MIN_VALUES or (hi - lo) < 1e-3 * max(abs(lo), abs(hi)):
+        labels = _nearest(flat, centroids, np.searchsorted(midpoints, flat, side="left"))
+    else:
+        labels = _grid_search(flat, centroids, midpoints, lo, hi)
+    if (midpoints == centroids[1:]).any():  # repeated centroids: the first of equals wins
+        labels = np.searchsorted(centroids, centroids, side="left")[labels]
+    return labels.reshape(values.shape)
+
+
+def _grid_search(flat: np.ndarray, centroids: np.ndarray, midpoints: np.ndarray, lo: float,
+                 hi: float) -> np.ndarray:
     n_cells = int(np.clip(256 * midpoints.size, 4096, 1 << 18))
     scale = n_cells / (hi - lo)
     edges = lo + np.arange(n_cells + 1) / scale
@@ -123,8 +133,22 @@ def _grid_search(midpoints: np.ndarray, flat: np.ndarray) -> np.ndarray:
     np.minimum(cell, n_cells - 1, out=cell)
     labels = label[cell]
     unsure = np.flatnonzero(labels < 0)
-    labels[unsure] = np.searchsorted(midpoints, flat[unsure], side="left")
+    labels[unsure] = _nearest(flat[unsure], centroids, np.searchsorted(midpoints, flat[unsure], side="left"))
     return labels
+
+
+def _nearest(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`labels` from a search among the midpoints, corrected by the distances themselves: a computed
+    midpoint can sit an ulp off the true one, which sends a value an ulp from it (or a centroid an
+    ulp from its neighbour) to the farther centroid. Nearest by float64 distance, ties lower."""
+    last = centroids.size - 1
+    down = labels > 0
+    down[down] = (np.abs(values[down] - centroids[labels[down] - 1])
+                  <= np.abs(values[down] - centroids[labels[down]]))
+    labels = labels - down
+    up = labels < last
+    up[up] = (np.abs(values[up] - centroids[labels[up] + 1]) < np.abs(values[up] - centroids[labels[up]]))
+    return labels + up
 
 
 def wcss(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sample_weight=None) -> float:
@@ -162,7 +186,7 @@ def _prepare(values, k, init: str, sample_weight) -> tuple[np.ndarray, _Sorted |
 
 def _finite_flat(array, what: str) -> np.ndarray:
     flat = np.asarray(array).reshape(-1)
-    if flat.dtype.kind not in "fiub":
+    if flat.dtype.kind not in "fiu":
         raise ValueError(f"{what} must be real numbers, got dtype {flat.dtype}")
     if not np.isfinite(flat).all():
         raise ValueError(f"{what} contains NaN or infinity")
@@ -189,7 +213,9 @@ class _Sorted:
         self.x, self.n = x, x.size
         self.W = _prefix(w)
         self.shift = float(np.dot(w, x) / self.W[-1])
-        self.S = _prefix(w * self.shifted())
+        weighted = self.shifted()
+        weighted *= w
+        self.S = _prefix(weighted)
         self._Q = None
 
     def shifted(self) -> np.ndarray:
@@ -209,26 +235,46 @@ class _Sorted:
     @property
     def Q(self) -> np.ndarray:
         if self._Q is None:
-            xs = self.shifted()
-            self._Q = _prefix(np.diff(self.W) * xs * xs)
+            squares = self.shifted()
+            squares *= squares
+            squares *= np.diff(self.W)
+            self._Q = _prefix(squares)
         return self._Q
 
     def bounds(self, centroids: np.ndarray) -> np.ndarray:
         """Cluster boundaries [0, ..., n]: cluster j is x[b[j]:b[j+1]], the values nearest to
         centroid j (a value on a midpoint goes to the lower centroid, as in `assign`)."""
-        inner = np.searchsorted(self.x, _midpoints(centroids), side="right")
-        return np.concatenate(([0], inner, [self.n]))
+        return np.concatenate(([0], self.splits(centroids[:-1], centroids[1:]), [self.n]))
+
+    def splits(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """First index of the values nearer to `upper` than to `lower` (ties lower), pair by pair:
+        a search of the midpoint, corrected like `_nearest` by the distances themselves."""
+        x = self.x
+        at = np.searchsorted(x, 0.5 * (lower + upper), side="right")
+        back = at > 0
+        back[back] = np.abs(x[at[back] - 1] - upper[back]) < np.abs(x[at[back] - 1] - lower[back])
+        at = at - back
+        on = at < self.n
+        on[on] = np.abs(x[at[on]] - lower[on]) <= np.abs(x[at[on]] - upper[on])
+        return at + on
 
     def means(self, b: np.ndarray) -> np.ndarray:
         return self.run_means(b[:-1], b[1:])
 
     def run_means(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        return (self.S[hi] - self.S[lo]) / (self.W[hi] - self.W[lo]) + self.shift
+        """Means of the non-empty runs x[lo:hi] from the prefix sums, kept within each run's values
+        (rounding about the shift could push them out, even past the next run's)."""
+        means = (self.S[hi] - self.S[lo]) / (self.W[hi] - self.W[lo]) + self.shift
+        return np.clip(means, self.x[lo], self.x[hi - 1])
 
     def exact_means(self, b: np.ndarray) -> np.ndarray:
-        """Means of the non-empty runs b[j]:b[j+1] summed run by run (no prefix-sum rounding)."""
+        """Means of the non-empty runs b[j]:b[j+1] summed run by run without the shift (so a run
+        of one value has exactly that value as its mean), kept within each run's values."""
         w = np.diff(self.W)
-        return np.add.reduceat(w * self.shifted(), b[:-1]) / np.add.reduceat(w, b[:-1]) + self.shift
+        means = np.add.reduceat(w * self.x, b[:-1]) / np.add.reduceat(w, b[:-1])
+        single = b[1:] - b[:-1] == 1
+        means[single] = self.x[b[:-1][single]]
+        return np.clip(means, self.x[b[:-1]], self.x[b[1:] - 1])
 
     def cost(self, a, b):
         """Squared error of the runs x[a:b] about their means (0 for empty runs)."""
@@ -240,13 +286,13 @@ class _Sorted:
 # --- Lloyd ---------------------------------------------------------------------------------------
 
 
-def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int) -> np.ndarray:
+def _lloyd(data: _Sorted, centroids: np.ndarray, k: int, max_iter: int) -> np.ndarray:
     """Lloyd from `centroids` until the assignment stops changing, then moves of clusters (see
     _moves) and Lloyd again while a round of them still lowers the squared error by _MOVE_GAIN,
-    max_iter Lloyd steps in all. Empty clusters are refilled by splitting the clusters that gain
-    most, so k clusters survive whenever n >= k; out of steps, it still steps on until no cluster is
-    empty (each such step lowers the squared error)."""
-    b = data.bounds(np.sort(np.asarray(centroids, dtype=np.float64)))
+    max_iter Lloyd steps in all. Empty clusters (and missing ones: fewer centroids than k) are
+    refilled by splitting the clusters that gain most, so k clusters survive whenever n >= k; out of
+    steps, it still steps on until no cluster is empty (each such step lowers the squared error)."""
+    b = _refill(data, data.bounds(np.unique(np.asarray(centroids, dtype=np.float64))), k)
     steps, error = 0, np.inf
     while steps < max_iter:
         b, centroids, used, converged = _settle(data, b, max_iter - steps)
@@ -258,12 +304,14 @@ def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int) -> np.ndarray:
         if moved is None:
             return centroids
         b = moved
-    while True:
+    for _ in range(_MAX_FINAL_STEPS):
         centroids = data.exact_means(b)
         new = data.bounds(centroids)
         if (new[1:] > new[:-1]).all():
             return centroids
         b = _refill(data, new, len(new) - 1)
+    # Only rounding could get here: keep the centroids that have values.
+    return centroids[new[1:] > new[:-1]]
 
 
 def _settle(data: _Sorted, b: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray, int, bool]:
@@ -285,7 +333,7 @@ def _settle(data: _Sorted, b: np.ndarray, max_steps: int) -> tuple[np.ndarray, n
                 return b, centroids, steps, True
             b, active = new, np.arange(1, k)
         else:
-            found = np.searchsorted(data.x, 0.5 * (centroids[active - 1] + centroids[active]), side="right")
+            found = data.splits(centroids[active - 1], centroids[active])
             moved = found != b[active]
             active = active[moved]
             b[active] = found[moved]
@@ -306,7 +354,7 @@ def _settle(data: _Sorted, b: np.ndarray, max_steps: int) -> tuple[np.ndarray, n
 
 def _best_splits(data: _Sorted, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the runs of boundaries `b` with two or more values: their indices, the squared error that
-    splitting each at its best point (exact 2-means) saves, and that point."""
+    splitting each at its best point (see _best_split_points) saves, and that point."""
     sizes = np.diff(b)
     splittable = np.flatnonzero(sizes > 1)
     point, split_cost = _best_split_points(data, b[splittable], b[splittable + 1])
@@ -322,7 +370,7 @@ def _best_split_points(data: _Sorted, lo: np.ndarray, hi: np.ndarray) -> tuple[n
     step = np.repeat((inner - 1) / np.maximum(counts - 1, 1), counts)
     point = np.repeat(lo + 1, counts) + (_ragged_arange(counts) * step).astype(np.intp)
     W, S, Q = data.W, data.S, data.Q
-    w_p, s_p, q_p = W[point], S[point], Q[point]
+    w_p, s_p = W[point], S[point]  # Q[point] cancels out of the two costs
     w_lo, s_lo, q_lo = (np.repeat(a[lo], counts) for a in (W, S, Q))
     w_hi, s_hi, q_hi = (np.repeat(a[hi], counts) for a in (W, S, Q))
     left, right = s_p - s_lo, s_hi - s_p
@@ -381,8 +429,9 @@ def _swaps(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
 
 
 def _resplit_pairs(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
-    """Boundaries after re-splitting neighbouring clusters at their exact 2-means point (stronger
-    than Lloyd's midpoint rule), even pairs then odd ones so no two overlap; None if none moves."""
+    """Boundaries after re-splitting pairs of neighbouring clusters at their best 2-means point
+    (Lloyd's midpoint rule only finds a local one), even pairs then odd ones so no two overlap; None
+    if none moves."""
     moved = False
     for parity in (0, 1):
         j = np.arange(1 + parity, len(b) - 1, 2)  # inner boundary j between clusters j-1 and j
@@ -509,31 +558,27 @@ def _init_kmeanspp(data: _Sorted, k: int, seed: int) -> np.ndarray:
     x, w = data.x, np.diff(data.W)
     first = min(int(np.searchsorted(data.W[1:], rng.random() * data.W[-1], side="right")), data.n - 1)
     centres = [float(x[first])]
-    block = max(int(np.sqrt(data.n)), 1)
-    d2w = w * (x - centres[0]) ** 2
     d2 = (x - centres[0]) ** 2
-    starts = np.arange(0, data.n, block)
-    sums = np.add.reduceat(d2w, starts)
+    mass = w * d2  # what the next draw is proportional to
+    block = max(int(np.sqrt(data.n)), 1)
+    sums = np.add.reduceat(mass, np.arange(0, data.n, block))
     for _ in range(k - 1):
         cum = np.cumsum(sums)
         target = rng.random() * cum[-1]
         i = min(int(np.searchsorted(cum, target, side="right")), sums.size - 1)
-        lo, hi = i * block, min((i + 1) * block, data.n)
-        inside = np.cumsum(d2w[lo:hi])
-        j = min(int(np.searchsorted(inside, target - (cum[i - 1] if i else 0.0), side="right")), hi - lo - 1)
-        if d2w[lo + j] <= 0:  # rounding at a block edge: take the block's farthest point instead
-            j = int(np.argmax(d2w[lo:hi]))
-        c = float(x[lo + j])
+        inside = np.cumsum(mass[i * block:(i + 1) * block])
+        j = min(int(np.searchsorted(inside, target - (cum[i - 1] if i else 0.0), side="right")), inside.size - 1)
+        if mass[i * block + j] <= 0:  # rounding at a block edge: the block's heaviest point instead
+            j = int(np.argmax(mass[i * block:(i + 1) * block]))
+        c = float(x[i * block + j])
         at = bisect.bisect_left(centres, c)
         left = 0 if at == 0 else int(np.searchsorted(x, 0.5 * (centres[at - 1] + c), side="right"))
         right = data.n if at == len(centres) else int(np.searchsorted(x, 0.5 * (c + centres[at]), side="right"))
         centres.insert(at, c)
         d2[left:right] = np.minimum(d2[left:right], (x[left:right] - c) ** 2)
-        d2w[left:right] = w[left:right] * d2[left:right]
-        first_block, last_block = left // block, (right - 1) // block
-        sums[first_block:last_block + 1] = np.add.reduceat(
-            d2w[first_block * block:min((last_block + 1) * block, data.n)],
-            np.arange(0, min((last_block + 1) * block, data.n) - first_block * block, block))
+        mass[left:right] = w[left:right] * d2[left:right]
+        lo, hi = left // block, (right - 1) // block + 1
+        sums[lo:hi] = np.add.reduceat(mass[lo * block:hi * block], np.arange(0, (hi - lo) * block, block))
     return np.asarray(centres)
 
 
