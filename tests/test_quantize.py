@@ -220,3 +220,14 @@ def test_bad_options(tmp_path, args, message):
     result = runner.invoke(app, ["quantize", str(LENET5), "-o", str(tmp_path / "q.onnx"), *args])
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_denormal_ranges_keep_a_positive_float32_scale():
+    w = np.array([1e-45, 0.0], np.float32)  # found by hypothesis: the step underflowed to 0
+    layout = quant.Layout(w.shape)
+    for signed in (True, False):
+        for symmetric in (True, False):
+            scale, zp = quant.choose_params(w, layout, 2, signed, symmetric)
+            assert scale > 0 and np.isfinite(scale)
+            q = quant.quantize(w, layout, scale, zp, 2, signed)
+            assert np.all(quant.dequantize(q, layout, scale, zp) == 0)

@@ -105,8 +105,10 @@ def _params(hi, lo, qmin, qmax, symmetric, signed, bits):
         scale = (hi - lo) / (qmax - qmin)
         safe = np.where(scale > 0, scale, 1.0)
         zp = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int64)
-    # float32 is what ONNX stores; an all-zero group still needs a positive scale.
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
+    # float32 is what ONNX stores: an all-zero group still needs a positive scale, and a range of
+    # denormals must not round to a zero scale.
+    scale = np.where(scale > 0, np.maximum(scale, np.finfo(np.float32).tiny), 1.0)
+    scale = scale.astype(np.float32).astype(np.float64)
     return scale, zp
 
 
