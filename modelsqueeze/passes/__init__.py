@@ -32,6 +32,16 @@ class Selection:
     def pick(self, model: onnx.ModelProto) -> list[WeightInfo]:
         return select_weights(find_weights(model), self.layers, self.exclude, self.min_params)
 
+    def start(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[WeightInfo]]:
+        """Every pass's first step: a copy of the model to change, and the tensors selected in it
+        (none is a usage error)."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        selected = self.pick(copy)
+        if not selected:
+            raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+        return copy, selected
+
 
 def tensor_names(info: WeightInfo) -> list[str]:
     """The names a glob may match: the tensor, its subgraph key, and its consumers' node names."""

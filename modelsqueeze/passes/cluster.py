@@ -114,12 +114,8 @@ def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: ClusterConfig) -> PassResult:
     """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, selected = config.selection.start(model)
     notes: list[str] = []
-    selected = config.selection.pick(out)
-    if not selected:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
     chosen = []
     for info in selected:
         value, _ = config.rule.lookup(info)

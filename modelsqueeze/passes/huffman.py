@@ -67,12 +67,8 @@ def code_streams(record: CompressedTensor) -> CompressedTensor:
 
 def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: HuffmanConfig) -> PassResult:
     """Code the selected tensors' streams; the model's values do not change."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, selected = config.selection.start(model)
     notes: list[str] = []
-    selected = config.selection.pick(out)
-    if not selected:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
     new_records = dict(records)
     changed = []
     for info in selected:

@@ -124,12 +124,8 @@ def _masks(
 def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: PruneConfig) -> PassResult:
     """Apply `config` to a copy of `model` whose tensors hold their current values; `records` are
     the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, selected = config.selection.start(model)
     notes: list[str] = []
-    selected = config.selection.pick(out)
-    if not selected:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
     weights = [(info, info.array()) for info in selected]
     masks, channel_keeps = _masks(config, weights, notes)
     for info, array in weights:

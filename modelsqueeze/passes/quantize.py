@@ -106,11 +106,7 @@ def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.Mode
 def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: QuantizeConfig) -> PassResult:
     """Apply `config` to a copy of the logical `model`."""
     notes: list[str] = []
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    selected = config.selection.pick(out)
-    if not selected:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    out, selected = config.selection.start(model)
     if any(info.dtype == "float32" for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
         selected = config.selection.pick(out)
