@@ -403,7 +403,6 @@ def _swaps(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
     k = len(b) - 1
     if k < 3:
         return None
-    splittable, gain, point = _best_splits(data, b)
     centroids = data.means(b)
     # Removing inner cluster j: its values split between j-1 and j+1 at their midpoint.
     j = np.arange(1, k - 1)
@@ -411,7 +410,19 @@ def _swaps(data: _Sorted, b: np.ndarray) -> np.ndarray | None:
                   b[j], b[j + 1])
     before = data.cost(b[j - 1], b[j]) + data.cost(b[j], b[j + 1]) + data.cost(b[j + 1], b[j + 2])
     loss = data.cost(b[j - 1], cut) + data.cost(cut, b[j + 2]) - before
-    by_gain, by_loss = np.argsort(-gain, kind="stable"), np.argsort(loss, kind="stable")
+    by_loss = np.argsort(loss, kind="stable")
+    # A split saves at most the cluster's error, which bounds how many pairs can pay: only the
+    # clusters of largest error (a few times that many) need their best split searched.
+    error = data.cost(b[:-1], b[1:])
+    by_error = np.argsort(-error, kind="stable")
+    n_bound = int(np.sum(error[by_error[:loss.size]] > loss[by_loss[:k]]))
+    if n_bound == 0:
+        return None
+    candidates = np.sort(by_error[:4 * n_bound + 16])
+    candidates = candidates[b[candidates + 1] - b[candidates] > 1]
+    point, split_cost = _best_split_points(data, b[candidates], b[candidates + 1])
+    splittable, gain = candidates, error[candidates] - split_cost
+    by_gain = np.argsort(-gain, kind="stable")
     n_pairs = int(np.sum(gain[by_gain[:by_loss.size]] > loss[by_loss[:by_gain.size]] + 1e-12 * before.sum()))
     busy = np.zeros(k, dtype=bool)
     drop, add = [], []
