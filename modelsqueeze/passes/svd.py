@@ -1,0 +1,412 @@
+"""The svd pass: low-rank factorization of MatMul / Gemm weights (two MatMuls, or MatMul then Gemm)
+and of Conv weights (a k x k Conv to r channels, then a 1x1 Conv to the outputs), where it saves
+parameters, with the rank chosen per layer or across layers for a parameter budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.kernels import lowrank
+from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
+from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.tensor import CompressedTensor
+
+SUFFIX_IN = ".svd_in"  # the factor applied first, to the layer's input (r output channels)
+SUFFIX_OUT = ".svd_out"  # the factor applied second, making the layer's outputs (and its bias)
+
+
+@dataclass(frozen=True)
+class SvdConfig:
+    """Options of `modelsqueeze svd`: exactly one of `rank` (whole numbers), `energy` (keep this
+    fraction of the squared singular values, (0, 1]), `ratio` (at most this fraction of the layer's
+    parameters, (0, 1)), `max_error` (relative Frobenius error of the weight, [0, 1)), each a
+    per-layer rule, or `target_params` (total parameters of the output model)."""
+
+    rank: LayerRule | None = None
+    energy: LayerRule | None = None
+    ratio: LayerRule | None = None
+    max_error: LayerRule | None = None
+    target_params: int | None = None
+    selection: Selection = field(default_factory=Selection)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("rank", "energy", "ratio", "max_error", "target_params") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ModelSqueezeError(
+                "svd needs exactly one of --rank, --energy, --ratio, --max-error or --target-params"
+                + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else "")
+            )
+        if self.rank is not None and any(v != int(v) or v < 1 for v in self.rank.values()):
+            raise ModelSqueezeError("--rank values must be whole numbers of 1 or more")
+        if self.energy is not None and any(not 0 < v <= 1 for v in self.energy.values()):
+            raise ModelSqueezeError("--energy values must lie in (0, 1]: the fraction of squared singular values kept")
+        if self.ratio is not None and any(not 0 < v < 1 for v in self.ratio.values()):
+            raise ModelSqueezeError("--ratio values must lie in (0, 1): the most of a layer's parameters its factors may hold")
+        if self.max_error is not None and any(not 0 <= v < 1 for v in self.max_error.values()):
+            raise ModelSqueezeError("--max-error values must lie in [0, 1): the relative Frobenius error of each weight")
+        if self.target_params is not None and (isinstance(self.target_params, bool) or int(self.target_params) != self.target_params
+                                               or self.target_params < 1):
+            raise ModelSqueezeError(f"--target-params {self.target_params}: must be a whole number of 1 or more")
+
+
+@dataclass(frozen=True)
+class FactoredLayer:
+    """What the pass did to one layer. MACs are multiply-accumulates per output position (a row of
+    a MatMul/Gemm output, a pixel of a Conv output); `positions` is the number of such positions
+    per sample when the shapes say it (else None)."""
+
+    weight: str
+    node: str
+    op: str
+    shape: tuple[int, ...]  # the weight tensor's shape
+    matrix: tuple[int, int]  # the factored matrix K x N (Conv: M x C*kh*kw)
+    rank: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    positions: int | None
+    kept_energy: float
+    relative_error: float
+    method: str
+    factors: tuple[str, str]  # (applied first, applied second)
+
+
+@dataclass
+class SvdResult(PassResult):
+    layers: list[FactoredLayer] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    info: WeightInfo
+    node: onnx.NodeProto
+    label: str
+    matrix: np.ndarray  # K x N as the layer multiplies: MatMul/Gemm op(B); Conv W reshaped M x C*kh*kw
+    spectrum: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+
+def _detached(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A copy that stays valid while the graph's node list is rewritten."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
+    """The layer to factor for this weight, or why it is left alone."""
+    if info.graph:
+        return "lives in a subgraph, left alone"
+    if info.source != "initializer":
+        return f"is a {info.source.replace('_', ' ')}, not a plain initializer; left alone"
+    if len(info.consumers) != 1:
+        return f"is read by {len(info.consumers)} nodes (shared weight), left alone"
+    consumer = info.consumers[0]
+    if consumer.op not in ("MatMul", "Gemm", "Conv"):
+        return f"is a {consumer.op} weight; svd factors MatMul, Gemm and Conv weights only"
+    if consumer.input_index != 1:
+        return f"is input {consumer.input_index} of its {consumer.op}, not the weight input B; left alone"
+    graph = model.graph
+    found = [(i, n) for i, n in enumerate(graph.node) if info.name in n.input]
+    if len(found) != 1:
+        return f"is read inside a subgraph ({consumer.node}), left alone"
+    index, node = found[0]
+    node = _detached(node)
+    if info.name in {o.name for o in graph.output}:
+        return "is also a graph output, left alone"
+    if info.name in {i.name for i in graph.input} and model.ir_version >= 4:
+        return "is also a graph input (its value can be replaced at run time), left alone"
+    array = info.array()
+    attrs = _attrs(node)
+    if node.op_type == "MatMul":
+        if array.ndim != 2:
+            return f"is a {array.ndim}-D MatMul weight; only 2-D weights are factored"
+        matrix = array
+    elif node.op_type == "Gemm":
+        matrix = array.T if attrs.get("transB", 0) else array
+    else:
+        if attrs.get("group", 1) != 1:
+            return f"feeds a grouped Conv (group={attrs['group']}), left alone"
+        if array.ndim < 3:
+            return f"is a {array.ndim}-D Conv weight, left alone"
+        matrix = array.reshape(array.shape[0], -1)
+    return _Target(info, node, node.name or f"{node.op_type}_{index}", matrix)
+
+
+def _positions(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Inferred shapes of the main graph's tensors (empty when inference cannot run)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # too large to serialise, or a model inference does not understand
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
+
+
+def _output_positions(target: _Target, shapes: dict[str, tuple]) -> int | None:
+    """Output positions per sample: Conv pixels (dims after N, C), or MatMul/Gemm rows (dims
+    between the batch dim and the features; 1 for a 2-D output)."""
+    shape = shapes.get(target.node.output[0])
+    if shape is None:
+        return None
+    inner = shape[2:] if target.node.op_type == "Conv" else shape[1:-1]
+    if any(d is None or d <= 0 for d in inner):
+        return None
+    return int(np.prod(inner, dtype=np.int64))
+
+
+def _choose_rank(config: SvdConfig, target: _Target) -> tuple[int | None, str]:
+    """(rank, how it was chosen) from the per-layer rule; rank None means the rule skips the layer."""
+    k, n = target.shape
+    for rule, kind in ((config.rank, "rank"), (config.energy, "energy"), (config.ratio, "ratio"),
+                       (config.max_error, "max_error")):
+        if rule is None:
+            continue
+        value, _ = rule.lookup(target.info)
+        if value is None:
+            return None, ""
+        if kind == "rank":
+            return min(int(value), k, n), f"--rank {int(value)}"
+        if kind == "ratio":
+            return lowrank.rank_for_ratio(k, n, value), f"--ratio {value:g}"
+        if kind == "energy":
+            return lowrank.rank_for_energy(target.spectrum, value), f"--energy {value:g}"
+        return lowrank.rank_for_error(target.spectrum, value), f"--max-error {value:g}"
+    raise AssertionError("config validation admits exactly one rule")
+
+
+class _Names:
+    """Fresh tensor and node names, unique across the model's graphs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.taken: set[str] = set()
+        self.nodes: set[str] = set()
+        for _, graph in iter_graphs(model.graph):
+            self.taken |= {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+            self.taken |= {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+            for node in graph.node:
+                self.taken |= set(node.input) | set(node.output)
+                self.nodes.add(node.name)
+
+    @staticmethod
+    def _fresh(base: str, used: set[str]) -> str:
+        name, i = base, 1
+        while name in used:
+            name, i = f"{base}_{i}", i + 1
+        used.add(name)
+        return name
+
+    def tensor(self, base: str) -> str:
+        return self._fresh(base, self.taken)
+
+    def node(self, base: str) -> str:
+        return self._fresh(base, self.nodes)
+
+
+def _rewrite(model: onnx.ModelProto, target: _Target, factors: lowrank.Factors, names: _Names) -> tuple[str, str]:
+    """Replace the layer by its two factor steps; returns the factors' initializer names (first, second)."""
+    graph, node, weight = model.graph, target.node, target.info.name
+    label, op = target.label, node.op_type
+    first_w, second_w = names.tensor(weight + SUFFIX_IN), names.tensor(weight + SUFFIX_OUT)
+    middle = names.tensor(f"{label}.svd_mid")
+    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    attrs = _attrs(node)
+    first_name, second_name = names.node(label + SUFFIX_IN), names.node(label + SUFFIX_OUT)
+    new_nodes: list[onnx.NodeProto] = []
+    if op == "Conv":
+        # W (M x C*k) ~= a (M x r) b (r x C*k): b is a Conv with r filters of the same kernel, a a 1x1 Conv.
+        spatial = len(target.info.shape) - 2
+        first = factors.b.reshape((factors.rank, *target.info.shape[1:]))
+        second = factors.a.reshape((target.info.shape[0], factors.rank) + (1,) * spatial)
+        conv = helper.make_node("Conv", [node.input[0], first_w], [middle], name=first_name)
+        conv.attribute.extend(node.attribute)  # kernel, strides, pads, dilations, auto_pad as they were
+        new_nodes.append(conv)
+        new_nodes.append(helper.make_node("Conv", [middle, second_w, *bias], list(node.output), name=second_name,
+                                          kernel_shape=[1] * spatial))
+    else:
+        # op(B) = W (K x N) ~= a (K x r) b (r x N): X' a is a MatMul, then the original op with b.
+        first, second = factors.a, factors.b
+        source = node.input[0]
+        if op == "Gemm" and attrs.get("transA", 0):
+            transposed = names.tensor(f"{label}.svd_input_t")
+            new_nodes.append(helper.make_node("Transpose", [source], [transposed], name=names.node(f"{label}.svd_transpose"),
+                                              perm=[1, 0]))
+            source = transposed
+        new_nodes.append(helper.make_node("MatMul", [source, first_w], [middle], name=first_name))
+        if op == "Gemm":
+            gemm = helper.make_node("Gemm", [middle, second_w, *bias], list(node.output), name=second_name)
+            gemm.attribute.extend(a for a in node.attribute if a.name not in ("transA", "transB"))  # alpha, beta
+            new_nodes.append(gemm)
+        else:
+            new_nodes.append(helper.make_node("MatMul", [middle, second_w], list(node.output), name=second_name))
+    position = next(i for i, n in enumerate(graph.node) if list(n.output) == list(node.output))
+    del graph.node[position]
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(position + offset, new)
+
+    inits = list(graph.initializer)
+    at = next(i for i, t in enumerate(inits) if t.name == weight)
+    replacement = [numpy_helper.from_array(np.ascontiguousarray(first), first_w),
+                   numpy_helper.from_array(np.ascontiguousarray(second), second_w)]
+    del graph.initializer[:]
+    graph.initializer.extend(inits[:at] + replacement + inits[at + 1:])
+    # The old weight's recorded type is stale; the layer's output keeps its name and shape.
+    stale = [v for v in graph.value_info if v.name == weight]
+    for value in stale:
+        graph.value_info.remove(value)
+    inputs = list(graph.input)
+    if any(i.name == weight for i in inputs):  # IR < 4: every initializer is also a graph input
+        elem = inputs[[i.name for i in inputs].index(weight)].type.tensor_type.elem_type
+        del graph.input[:]
+        for value in inputs:
+            if value.name != weight:
+                graph.input.append(value)
+                continue
+            graph.input.extend(helper.make_tensor_value_info(t.name, elem, list(t.dims)) for t in replacement)
+    return first_w, second_w
+
+
+def _macs(target: _Target, rank: int) -> tuple[int, int]:
+    """Multiply-accumulates per output position before and after (Conv: C*kh*kw*M -> r*C*kh*kw + M*r)."""
+    k, n = target.shape
+    return k * n, rank * (k + n)
+
+
+def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: SvdConfig) -> SvdResult:
+    """Apply `config` to a copy of the logical `model`. Factored weights leave the model (and
+    their records the sidecar); their factors are plain dense weights that later passes compress."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    selected = config.selection.pick(out)
+    if not selected:
+        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    targets: list[_Target] = []
+    for info in selected:
+        found = _target(out, info)
+        if isinstance(found, str):
+            notes.append(f"{info.key}: {found}")
+        elif lowrank.saving_rank_limit(*found.shape) < 1:
+            notes.append(f"{info.key}: a {found.shape[0]}x{found.shape[1]} matrix cannot be factored into fewer parameters")
+        else:
+            targets.append(found)
+
+    plan: list[tuple[_Target, int, str]] = []
+    if config.target_params is not None:
+        plan = _budget_plan(out, targets, config.target_params, notes)
+    else:
+        for target in targets:
+            if config.energy is not None or config.max_error is not None:
+                target.spectrum = lowrank.energies(target.matrix)
+            rank, how = _choose_rank(config, target)
+            if rank is None:
+                continue
+            k, n = target.shape
+            limit = lowrank.saving_rank_limit(k, n)
+            if rank < 1:
+                notes.append(f"{target.info.key}: {how} leaves no rank for a {k}x{n} matrix, left whole")
+            elif rank > limit:
+                notes.append(f"{target.info.key}: {how} needs rank {rank} of {min(k, n)}; factors of a {k}x{n} matrix "
+                             f"save parameters only up to rank {limit}, left whole")
+            else:
+                plan.append((target, rank, how))
+
+    shapes = _positions(out) if plan else {}
+    names = _Names(out)
+    layers: list[FactoredLayer] = []
+    for target, rank, how in plan:
+        if target.spectrum is None:
+            target.spectrum = lowrank.energies(target.matrix)
+        factors = lowrank.factorize(target.matrix, rank, target.spectrum)
+        positions = _output_positions(target, shapes)
+        first_w, second_w = _rewrite(out, target, factors, names)
+        k, n = target.shape
+        macs_before, macs_after = _macs(target, rank)
+        layer = FactoredLayer(
+            weight=target.info.key, node=target.label, op=target.node.op_type, shape=target.info.shape,
+            matrix=(k, n), rank=rank, params_before=k * n, params_after=lowrank.factor_params(k, n, rank),
+            macs_before=macs_before, macs_after=macs_after, positions=positions,
+            kept_energy=factors.kept_energy, relative_error=factors.relative_error, method=factors.method,
+            factors=(first_w, second_w),
+        )
+        layers.append(layer)
+        notes.append(_describe(layer, how))
+    new_records = dict(records)
+    for layer in layers:
+        old = new_records.pop(layer.weight, None)
+        if old is not None:
+            notes.append(f"{layer.weight}: its {old.kind} record is dropped; the factors are plain weights "
+                         f"(quantize / cluster / prune compress them)")
+    if layers:
+        notes.append(_totals(layers))
+    else:
+        notes.append("svd: no layer factored")
+    changed = [name for layer in layers for name in layer.factors]
+    return SvdResult(model=out, records=new_records, changed=changed, notes=notes, layers=layers)
+
+
+def _budget_plan(model: onnx.ModelProto, targets: list[_Target], target_params: int,
+                 notes: list[str]) -> list[tuple[_Target, int, str]]:
+    """Ranks for every factorable layer such that the whole model holds at most `target_params`
+    parameters (every float tensor counts), discarding the least relative energy."""
+    total = sum(info.n_params for info in find_weights(model))
+    how = f"--target-params {target_params:,}"
+    if total <= target_params:
+        notes.append(f"the model has {total:,} parameters, already within {how}; nothing factored")
+        return []
+    fixed = total - sum(t.matrix.size for t in targets)
+    floor = fixed + sum(k + n for k, n in (t.shape for t in targets))
+    if not targets or floor > target_params:
+        raise ModelSqueezeError(
+            f"{how}: unreachable; the fewest parameters svd can leave is {floor:,} (rank 1 in each of the "
+            f"{len(targets)} factorable layers, {fixed:,} in tensors it cannot factor)"
+        )
+    for target in targets:
+        target.spectrum = lowrank.energies(target.matrix)
+    ranks = lowrank.allocate_ranks([t.spectrum for t in targets], [t.shape for t in targets], target_params - fixed)
+    plan = []
+    for target, rank in zip(targets, ranks):
+        if rank == 0:
+            notes.append(f"{target.info.key}: kept whole under {how} (its remaining energy is worth the parameters)")
+        else:
+            plan.append((target, rank, how))
+    return plan
+
+
+def _describe(layer: FactoredLayer, how: str) -> str:
+    k, n = layer.matrix
+    per = "per sample" if layer.positions is not None else "per output position"
+    scale = layer.positions or 1
+    return (f"{layer.weight} ({layer.op} {layer.node}, {k}x{n}): rank {layer.rank} of {min(k, n)} by {how}, "
+            f"params {layer.params_before:,} -> {layer.params_after:,} ({layer.params_after / layer.params_before:.1%}), "
+            f"kept energy {layer.kept_energy:.4f}, relative error {layer.relative_error:.4f}, "
+            f"MACs {layer.macs_before * scale:,} -> {layer.macs_after * scale:,} {per}")
+
+
+def _totals(layers: list[FactoredLayer]) -> str:
+    before = sum(layer.params_before for layer in layers)
+    after = sum(layer.params_after for layer in layers)
+    text = f"svd: {len(layers)} layer(s) factored, params {before:,} -> {after:,} ({after / before:.1%})"
+    if all(layer.positions is not None for layer in layers):
+        macs_before = sum(layer.macs_before * layer.positions for layer in layers)
+        macs_after = sum(layer.macs_after * layer.positions for layer in layers)
+        text += f", MACs per sample {macs_before:,} -> {macs_after:,} ({macs_after / macs_before:.1%})"
+    return text
