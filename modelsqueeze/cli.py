@@ -324,7 +324,9 @@ def _step_rows(before, after, changed: list[str]) -> list[dict]:
     record_bytes = after.sidecar.record_bytes if after.sidecar else {}
     rows = []
     for key in changed:
-        a, b = old.get(key), new[key]
+        a, b = old.get(key), new.get(key)
+        if b is None:  # a tensor the pass replaced (svd: by its factors), listed under its new names
+            continue
         old_array, new_array = (a.array() if a else None), b.array()
         rows.append({
             "name": key,
@@ -488,6 +490,37 @@ def huffman(
 
     config = HuffmanConfig(max_unique=max_unique, selection=Selection(tuple(layers), tuple(exclude), min_params))
     _transform(model, output, force, lambda pair: run_huffman(pair.model, pair.records, config), "huffman",
+               validate, max_drop, as_json, quiet)
+
+
+@app.command(epilog="Examples:  modelsqueeze svd lenet300.onnx -o low.onnx --energy 0.9   |   "
+             "modelsqueeze svd m.onnx -o l.onnx --rank 'fc1*=64,32'   |   "
+             "modelsqueeze svd m.onnx -o l.onnx --target-params 100000 --validate test.npz --max-drop 1")
+@handles_errors
+def svd(
+    model: ModelArg,
+    output: OutputOpt,
+    rank: Annotated[Optional[str], typer.Option("--rank", "-r", help="Rank of each factored layer, e.g. 32, or per layer 'fc1*=64,32'.")] = None,
+    energy: Annotated[Optional[str], typer.Option("--energy", "-e", help="Keep this fraction of each layer's squared singular values, e.g. 0.9.")] = None,
+    ratio: Annotated[Optional[str], typer.Option("--ratio", help="Each layer's factors hold at most this fraction of its parameters, e.g. 0.25.")] = None,
+    max_error: Annotated[Optional[str], typer.Option("--max-error", help="Smallest rank whose relative Frobenius error is at most this, e.g. 0.2.")] = None,
+    target_params: Annotated[Optional[int], typer.Option("--target-params", help="Choose ranks across layers so the model has at most this many parameters.")] = None,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Low-rank factorization of MatMul/Gemm weights (two MatMuls) and Conv weights (k×k conv to r channels + 1×1 conv)."""
+    from modelsqueeze.passes.svd import SvdConfig, svd as run_svd
+
+    rules = {name: LayerRule.parse(value, "--" + name.replace("_", "-")) if value is not None else None
+             for name, value in (("rank", rank), ("energy", energy), ("ratio", ratio), ("max_error", max_error))}
+    config = SvdConfig(**rules, target_params=target_params, selection=Selection(tuple(layers), tuple(exclude), min_params))
+    _transform(model, output, force, lambda pair: run_svd(pair.model, pair.records, config), "svd",
                validate, max_drop, as_json, quiet)
 
 

@@ -329,7 +329,7 @@ def test_inputs_are_byte_identical_after_every_command(tmp_path, mlp_path, mlp_d
 # Help and the real process
 
 
-@pytest.mark.parametrize("command", ["eval", "report", "unpack", "prune", "cluster"])
+@pytest.mark.parametrize("command", ["eval", "report", "unpack", "prune", "cluster", "quantize", "svd", "huffman"])
 def test_help_shows_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Example" in result.stdout and "modelsqueeze " + command + " " in result.stdout
@@ -345,3 +345,15 @@ def test_runs_as_a_real_process(mlp_path, mlp_data):
     bad = subprocess.run([sys.executable, "-m", "modelsqueeze", "report", "/nonexistent.onnx"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
+
+
+def test_svd_through_the_cli(tmp_path):
+    out = tmp_path / "low.onnx"
+    result = invoke("svd", ROOT / "sample_models" / "lenet300.onnx", "-o", out, "--energy", "0.9", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["packed_bytes_after"] < 0.5 * data["packed_bytes_before"]
+    assert any("rank" in note for note in data["notes"])
+    onnx.checker.check_model(onnx.load_model(str(out)), full_check=True)
+    bad = invoke("svd", ROOT / "sample_models" / "lenet300.onnx", "-o", tmp_path / "x.onnx", "--energy", "0.9", "--rank", "4")
+    assert bad.exit_code == 2 and "exactly one of" in bad.stderr
