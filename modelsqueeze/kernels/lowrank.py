@@ -18,10 +18,11 @@ from sklearn.utils.extmath import randomized_svd, svd_flip
 
 METHODS = ("auto", "exact", "randomized")
 
-# Measured (benchmarks/bench_svd_speed.py, "factorization" table): below this smaller side, or
-# for ranks above this fraction of it, LAPACK's full SVD is as fast as the randomized one or the
-# randomized one is no longer within ERROR_TOLERANCE of the optimum.
-RANDOMIZED_MIN_SIDE = 512
+# Measured (benchmarks/bench_svd_speed.py, "factorization" table, 2 cores): from a smaller side of
+# 256 and up to ranks of 10% of it, the randomized SVD is faster than LAPACK's full SVD with one or
+# two BLAS threads, within 0.01% of the optimal error; at 20% it loses with two threads. Below 256
+# both take milliseconds.
+RANDOMIZED_MIN_SIDE = 256
 RANDOMIZED_MAX_RANK_FRACTION = 0.1
 # "Equal error": a randomized factorization is kept when its relative Frobenius error is within
 # this fraction of the optimal (Eckart-Young) error; otherwise the exact SVD is computed instead.
