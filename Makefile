@@ -40,6 +40,8 @@ bench: install
 	$(PY) benchmarks/bench_sidecar.py
 	$(PY) benchmarks/bench_kmeans.py
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_huffman.py
+	$(PY) benchmarks/bench_svd_speed.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .hypothesis .benchmarks $(VENV)
