@@ -357,3 +357,16 @@ def test_svd_through_the_cli(tmp_path):
     onnx.checker.check_model(onnx.load_model(str(out)), full_check=True)
     bad = invoke("svd", ROOT / "sample_models" / "lenet300.onnx", "-o", tmp_path / "x.onnx", "--energy", "0.9", "--rank", "4")
     assert bad.exit_code == 2 and "exactly one of" in bad.stderr
+
+
+def test_svd_factors_cluster_and_huffman_afterwards(tmp_path):
+    src = ROOT / "sample_models" / "lenet300.onnx"
+    for command, inp, out, args in (("svd", src, "s.onnx", ["--energy", "0.9"]), ("cluster", "s.onnx", "c.onnx", ["--bits", "5"]),
+                                    ("huffman", "c.onnx", "h.onnx", [])):
+        inp = inp if isinstance(inp, Path) else tmp_path / inp
+        result = invoke(command, inp, "-o", tmp_path / out, *args, "--json")
+        assert result.exit_code == 0, (command, result.stderr)
+        names = {row["name"] for row in json.loads(result.stdout)["tensors"]}
+        if command != "svd":
+            assert {"fc1.weight.svd_in", "fc1.weight.svd_out"} <= names, command
+    onnx.checker.check_model(onnx.load_model(str(tmp_path / "h.onnx")), full_check=True)
