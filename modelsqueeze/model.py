@@ -378,15 +378,6 @@ def select_weights(
     return chosen
 
 
-def replace_tensor(info: WeightInfo, array: np.ndarray) -> None:
-    """Put `array` where the tensor was (initializer or Constant value), keeping its name."""
-    new = numpy_helper.from_array(np.ascontiguousarray(array), info.name)
-    if isinstance(info.proto, onnx.SparseTensorProto):
-        raise ModelSqueezeError(f"tensor {info.name!r}: replace a sparse initializer through the model writer")
-    info.proto.CopyFrom(new)
-    info.shape, info.dtype = tuple(array.shape), array.dtype.name
-
-
 # ----------------------------------------------------------------------------------------------
 # Hashing and saving
 

@@ -18,10 +18,11 @@ from modelsqueeze.model import (
     find_weights,
     graph_hash,
     load_model,
-    replace_tensor,
     save_model,
     select_weights,
 )
+
+from modelsqueeze.pack import put_array
 
 from conftest import make_mlp
 
@@ -131,10 +132,9 @@ def test_select_weights_filters(mlp):
     assert [w.name for w in select_weights(weights, layers=["Gemm_0"])] == ["fc1_w", "fc1_b"]  # by node name
 
 
-def test_replace_tensor_and_graph_hash_ignores_initializers(mlp):
+def test_put_array_and_graph_hash_ignores_initializers(mlp):
     before = graph_hash(mlp)
-    w = weights_by_name(mlp)["fc1_w"]
-    replace_tensor(w, np.zeros((8, 4), np.float32))
+    put_array(mlp, "fc1_w", np.zeros((8, 4), np.float32))
     assert np.array_equal(weights_by_name(mlp)["fc1_w"].array(), np.zeros((8, 4), np.float32))
     assert graph_hash(mlp) == before
     mlp.graph.node[1].op_type = "Sigmoid"
