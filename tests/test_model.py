@@ -3,7 +3,6 @@ weights are found from the graph with the right layout, saving is atomic."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
