@@ -21,7 +21,7 @@ from rich.table import Table
 from modelsqueeze.model import model_file_bytes
 from modelsqueeze.pack import load_pair, packed_size, write_pair
 from modelsqueeze.passes.quantize import QuantizeConfig, quantize
-from modelsqueeze.validate import Runner, accuracy, load_npz, split_data
+from modelsqueeze.validate import load_npz, top1_accuracy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 MODELS = ["lenet300", "lenet5", "lstm_digits", "tiny_transformer"]
@@ -40,10 +40,8 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:160]
 
 
-def test_accuracy(model: onnx.ModelProto, data: dict) -> float:
-    runner = Runner(model)
-    feeds, labels = split_data(data, runner, "test data")
-    return accuracy(runner.run(feeds)[0], labels)
+def test_accuracy(model, data: dict) -> float:
+    return top1_accuracy(model, data, source="test data")
 
 
 def float_weights(model: onnx.ModelProto) -> dict[str, int]:

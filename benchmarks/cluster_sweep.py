@@ -12,15 +12,13 @@ from modelsqueeze.pack import load_pair, packed_size, write_pair
 from modelsqueeze.passes import LayerRule, Selection
 from modelsqueeze.passes.cluster import ClusterConfig, cluster
 from modelsqueeze.passes.prune import PruneConfig, prune
-from modelsqueeze.validate import Runner, accuracy, load_npz, split_data
+from modelsqueeze.validate import load_npz, top1_accuracy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
 def test_accuracy(model, data: dict) -> float:
-    runner = Runner(model)
-    feeds, labels = split_data(data, runner, "test data")
-    return accuracy(runner.run(feeds)[0], labels)
+    return top1_accuracy(model, data, source="test data")
 
 
 def written(result, path: Path):

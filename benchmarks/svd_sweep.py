@@ -15,7 +15,7 @@ from modelsqueeze.model import find_weights
 from modelsqueeze.pack import load_pair, packed_size, write_pair
 from modelsqueeze.passes import LayerRule, Selection
 from modelsqueeze.passes.svd import SvdConfig, svd
-from modelsqueeze.validate import Runner, accuracy, load_npz, split_data
+from modelsqueeze.validate import load_npz, top1_accuracy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 ENERGIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -25,9 +25,7 @@ BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)  # fractions of the original model's parame
 
 
 def test_accuracy(model, data: dict) -> float:
-    runner = Runner(model)
-    feeds, labels = split_data(data, runner, "test data")
-    return accuracy(runner.run(feeds)[0], labels)
+    return top1_accuracy(model, data, source="test data")
 
 
 def n_params(model) -> int:

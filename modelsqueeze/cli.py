@@ -33,6 +33,7 @@ from modelsqueeze.validate import (
     parse_dims,
     random_inputs,
     split_data,
+    top1_accuracy,
 )
 
 app = typer.Typer(
@@ -90,12 +91,10 @@ def _run(runner: Runner, feeds: dict, label: str, quiet: bool) -> list:
 
 
 def _labelled_accuracy(model, label: str, arrays: dict, source: str, quiet: bool) -> float:
-    """Top-1 accuracy of `model` on labelled arrays (the shared path of report and --validate)."""
-    runner = Runner(model, label)
-    feeds, labels = split_data(arrays, runner, source)
-    if labels is None:
-        raise ModelSqueezeError(f"{source}: no `y` labels, so no accuracy")
-    return accuracy(_run(runner, feeds, label, quiet)[0], labels, source)
+    """validate.top1_accuracy with a progress bar (the shared path of report and --validate)."""
+    n = next(iter(arrays.values())).shape[0] if arrays else 0
+    with progress_bar(f"running {label}", n, quiet) as advance:
+        return top1_accuracy(model, arrays, label, source, advance)
 
 
 def parse_size(text: str) -> int:

@@ -192,6 +192,16 @@ def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str) -> t
     return feeds, labels
 
 
+def top1_accuracy(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], label: str = "model",
+                  source: str = "data", progress: Callable[[int], None] | None = None) -> float:
+    """Top-1 accuracy of `model` on labelled arrays (inputs by name or `x`, labels `y`)."""
+    runner = Runner(model, label)
+    feeds, labels = split_data(arrays, runner, source)
+    if labels is None:
+        raise ModelSqueezeError(f"{source}: no `y` labels, so no accuracy")
+    return accuracy(runner.run(feeds, progress)[0], labels, source)
+
+
 def predictions(output: np.ndarray, label_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Top-1 class per sample: argmax over the class axis of scores (the last axis, after dropping
     singleton axes unless the labels keep them), or the output itself when it holds labels."""
