@@ -17,13 +17,16 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from modelsqueeze.cli import app
+from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import quant
 from modelsqueeze.model import find_weights
 from modelsqueeze.pack import load_pair
+from modelsqueeze.passes import LayerRule
+from modelsqueeze.passes.quantize import QuantizeConfig, quantize
 from modelsqueeze.sidecar import decode_sidecar, encode_sidecar, read_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
-from conftest import SAMPLES
+from conftest import SAMPLES, make_mlp
 
 runner = CliRunner()
 LENET5 = SAMPLES / "lenet5.onnx"
@@ -100,8 +103,6 @@ def test_quant_records_round_trip_through_the_sidecar(bits, signed, sparse, gran
 
 
 def test_bad_quant_records():
-    from modelsqueeze.errors import ModelSqueezeError
-
     ok = dict(indices=np.zeros(4, np.uint8), index_bits=4, scale=np.ones(2, np.float32),
               zero_point=np.zeros(2, np.int64), quant_axis=0)
     CompressedTensor("w", (2, 2), "float32", **ok)
@@ -231,3 +232,89 @@ def test_denormal_ranges_keep_a_positive_float32_scale():
             assert scale > 0 and np.isfinite(scale)
             q = quant.quantize(w, layout, scale, zp, 2, signed)
             assert np.all(quant.dequantize(q, layout, scale, zp) == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer bits (the pass; fc1_w feeds a Gemm, fc2_w a MatMul; biases are not selected)
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _same_records(a: CompressedTensor, b: CompressedTensor) -> bool:
+    return (a.index_bits == b.index_bits and np.array_equal(a.indices, b.indices) and np.array_equal(a.scale, b.scale)
+            and np.array_equal(a.zero_point, b.zero_point) and a.quant_axis == b.quant_axis
+            and np.array_equal(a.positions, b.positions))
+
+
+def test_per_layer_bits_override_gives_that_layer_its_own_bits():
+    model = make_mlp()
+    config = QuantizeConfig(bits=LayerRule.parse("fc1*=4,8", "--bits"))
+    result = quantize(model, {}, config)
+    assert sorted(result.changed) == ["fc1_w", "fc2_w"]
+    assert result.records["fc1_w"].index_bits == 4 and result.records["fc2_w"].index_bits == 8
+    assert result.records["fc1_w"].indices.max() <= 15
+    # Each tensor is exactly what a single-width run gives it.
+    for name, bits in (("fc1_w", 4), ("fc2_w", 8)):
+        alone = quantize(model, {}, QuantizeConfig(bits=bits)).records[name]
+        assert _same_records(result.records[name], alone)
+    # The 4-bit override needs opset 21 even though the default is 8.
+    assert config.needed_opset == 21
+    assert next(o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    weights = _weights(result.model)
+    for name in ("fc1_w", "fc2_w"):
+        assert np.array_equal(weights[name], result.records[name].decode())
+
+
+def test_override_without_default_quantizes_only_the_matching_tensor():
+    model = make_mlp()
+    result = quantize(model, {}, QuantizeConfig(bits=LayerRule(overrides=(("fc2*", 4.0),))))
+    assert result.changed == ["fc2_w"] and list(result.records) == ["fc2_w"]
+    assert result.records["fc2_w"].index_bits == 4
+    before, after = _weights(model), _weights(result.model)
+    assert np.array_equal(after["fc1_w"], before["fc1_w"])  # left alone, bit for bit
+    assert not np.array_equal(after["fc2_w"], before["fc2_w"])
+    # Consumer node names match too; a rule matching nothing changes nothing (and upgrades nothing).
+    assert quantize(model, {}, QuantizeConfig(bits=LayerRule(overrides=(("MatMul_*", 6.0),)))).changed == ["fc2_w"]
+    untouched = quantize(model, {}, QuantizeConfig(bits=LayerRule(overrides=(("conv*", 4.0),))))
+    assert untouched.changed == [] and untouched.records == {}
+    assert next(o.version for o in untouched.model.opset_import if o.domain in ("", "ai.onnx")) == 17
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_int_bits_equal_a_layer_rule_default(bits, granularity):
+    model = make_mlp()
+    plain = QuantizeConfig(bits=bits, granularity=granularity, block_size=3)
+    rule = QuantizeConfig(bits=LayerRule(default=float(bits)), granularity=granularity, block_size=3)
+    assert plain == rule and isinstance(plain.bits, LayerRule) and plain.needed_opset == rule.needed_opset
+    a, b = quantize(model, {}, plain), quantize(model, {}, rule)
+    assert a.changed == b.changed == ["fc1_w", "fc2_w"]
+    for name in a.changed:
+        assert a.records[name].index_bits == bits
+        assert _same_records(a.records[name], b.records[name])
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+def test_default_bits_and_needed_opset():
+    assert QuantizeConfig().bits == LayerRule(8.0)
+    assert QuantizeConfig.__dataclass_fields__["bits"].type in (LayerRule, "LayerRule")
+    assert QuantizeConfig(bits=8, granularity="tensor").needed_opset == 10
+    assert QuantizeConfig(bits=5, granularity="channel").needed_opset == 13
+    assert QuantizeConfig(bits=8, granularity="block").needed_opset == 21
+    assert QuantizeConfig(bits=LayerRule(8.0, (("fc1*", 3.0),)), granularity="tensor").needed_opset == 21
+    assert QuantizeConfig(bits=LayerRule(None, (("fc1*", 6.0),)), granularity="channel").needed_opset == 13
+
+
+@pytest.mark.parametrize("bits", [
+    1, 9, 4.5, LayerRule(1.0), LayerRule(9.0), LayerRule(4.5), LayerRule(8.0, (("fc1*", 1.0),)),
+    LayerRule(8.0, (("fc1*", 9.0),)), LayerRule(None, (("fc1*", 4.5),)), LayerRule(float("nan"))])
+def test_bad_bits(bits):
+    with pytest.raises(ModelSqueezeError, match="--bits .*: expected 2 to 8"):
+        QuantizeConfig(bits=bits)
+
+
+def test_empty_bits_rule():
+    with pytest.raises(ModelSqueezeError, match="no value"):
+        QuantizeConfig(bits=LayerRule())

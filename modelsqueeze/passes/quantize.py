@@ -1,8 +1,10 @@
-"""The quantize pass: linear weight-only quantization (2..8 bits; per tensor, per output channel
-along each consumer's channel axis, or in blocks along its input axis). Zeros stay zero."""
+"""The quantize pass: linear weight-only quantization (2..8 bits, per layer if asked; per tensor,
+per output channel along each consumer's channel axis, or in blocks along its input axis).
+Zeros stay zero."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,16 +16,17 @@ from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import PassResult, Selection
+from modelsqueeze.passes import LayerRule, PassResult, Selection
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Options of `modelsqueeze quantize`."""
+    """Options of `modelsqueeze quantize`. `bits` is a value per tensor (a default and `glob=bits`
+    overrides); a plain int is accepted and means that many bits for every selected tensor."""
 
-    bits: int = 8
+    bits: LayerRule = LayerRule(8.0)
     signed: bool = True
     symmetric: bool = True
     granularity: str = "channel"
@@ -34,8 +37,15 @@ class QuantizeConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ModelSqueezeError(f"--bits {self.bits}: expected 2 to 8 (8 and 4 map to ONNX int8 / int4)")
+        if isinstance(self.bits, numbers.Real) and not isinstance(self.bits, bool):
+            object.__setattr__(self, "bits", LayerRule(default=float(self.bits)))
+        if not isinstance(self.bits, LayerRule):
+            raise ModelSqueezeError(f"--bits {self.bits!r}: expected a number of bits or per-layer bits")
+        if not self.bits.values():
+            raise ModelSqueezeError("--bits: no value given")
+        for value in self.bits.values():
+            if not (2 <= value <= 8 and value == int(value)):
+                raise ModelSqueezeError(f"--bits {value:g}: expected 2 to 8 whole bits (8 and 4 map to ONNX int8 / int4)")
         if self.granularity not in quant.GRANULARITIES:
             raise ModelSqueezeError(f"--granularity {self.granularity!r}: expected one of {', '.join(quant.GRANULARITIES)}")
         if self.range not in quant.RANGES:
@@ -47,8 +57,9 @@ class QuantizeConfig:
 
     @property
     def needed_opset(self) -> int:
-        """The opset whose DequantizeLinear can say this natively (4-bit and blocks need 21)."""
-        if self.granularity == "block" or self.bits <= 4:
+        """The opset whose DequantizeLinear can say every value of `bits` natively (4-bit and
+        blocks need 21)."""
+        if self.granularity == "block" or any(value <= 4 for value in self.bits.values()):
             return 21
         return 13 if self.granularity == "channel" else 10
 
@@ -67,15 +78,16 @@ def layout_for(info: WeightInfo, array: np.ndarray, config: QuantizeConfig, note
     return quant.Layout(array.shape)
 
 
-def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig) -> CompressedTensor:
+def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig, bits: int) -> CompressedTensor:
     """The smaller of a dense record (zeros quantize exactly to the zero point) and one storing
-    only the non-zeros' codes with their positions."""
-    scale, zero_point = quant.choose_params(array, layout, config.bits, config.signed, config.symmetric,
+    only the non-zeros' codes with their positions, both with `bits`-bit codes (this tensor's
+    value of `config.bits`)."""
+    scale, zero_point = quant.choose_params(array, layout, bits, config.signed, config.symmetric,
                                             config.range, config.percentile)
-    q = quant.quantize(array, layout, scale, zero_point, config.bits, config.signed).reshape(-1)
-    codes = (q - quant.qrange(config.bits, config.signed)[0]).astype(np.uint8)
+    q = quant.quantize(array, layout, scale, zero_point, bits, config.signed).reshape(-1)
+    codes = (q - quant.qrange(bits, config.signed)[0]).astype(np.uint8)
     common = dict(scale=scale, zero_point=zero_point.astype(np.int64), quant_axis=layout.axis,
-                  block_size=layout.block_size, signed=config.signed, index_bits=config.bits)
+                  block_size=layout.block_size, signed=config.signed, index_bits=bits)
     dense = CompressedTensor(name, array.shape, array.dtype.name, indices=codes, **common)
     flat = array.reshape(-1)
     positions = np.flatnonzero(flat)
@@ -104,17 +116,21 @@ def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.Mode
 
 
 def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: QuantizeConfig) -> PassResult:
-    """Apply `config` to a copy of the logical `model`."""
+    """Apply `config` to a copy of the logical `model`; a tensor without a `bits` value (no
+    default and no matching override) is left alone."""
     notes: list[str] = []
     out, selected = config.selection.start(model)
-    if any(info.dtype == "float32" for info in selected):
+    if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
         selected = config.selection.pick(out)
     new_records = dict(records)
     changed = []
     for info in selected:
+        value, _ = config.bits.lookup(info)
+        if value is None:
+            continue
         array = info.array()
-        record = encode(info.key, array, layout_for(info, array, config, notes), config)
+        record = encode(info.key, array, layout_for(info, array, config, notes), config, int(value))
         new_records[info.key] = record
         put_array(out, info.key, record.decode())
         changed.append(info.key)
