@@ -22,8 +22,8 @@ from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import check_output, find_weights
 from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
-from modelsqueeze.passes import LayerRule, Selection
-from modelsqueeze.passes.prune import PruneConfig, parse_nm, prune as run_prune
+from modelsqueeze.pipeline import run_steps
+from modelsqueeze.recipe import Step, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, markdown, rich_table, summary_table
 from modelsqueeze.validate import (
     Runner,
@@ -73,15 +73,20 @@ def handles_errors(command: Callable) -> Callable:
 
 
 @contextmanager
-def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; `advance(n)` moves it. Silent when quiet."""
+def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; `advance(n, description=None)` moves it (and relabels it).
+    Silent when quiet."""
     if quiet or not err.is_terminal:  # a bar in a log file is noise
-        yield lambda n: None
+        yield lambda n, description=None: None
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+
+        def advance(n: int, description: str | None = None) -> None:
+            progress.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance
 
 
 def _run(runner: Runner, feeds: dict, label: str, quiet: bool) -> list:
@@ -275,10 +280,12 @@ MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="With --
 
 
 def _transform(
-    model: Path, output: Path, force: bool, apply: Callable, command: str,
+    model: Path, output: Path, force: bool, steps: list[Step], command: str,
     validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool,
 ) -> None:
-    """The shared life of a transforming command. Every refusal happens before anything is written."""
+    """The shared life of a transforming command (one step) and of pipeline/run (several): load,
+    run the steps in memory, validate the graph exactly as it will be written, write the pair.
+    Every refusal happens before anything is written."""
     _check_finite(max_drop=max_drop)
     if max_drop is not None and validate is None:
         raise ModelSqueezeError("--max-drop needs --validate DATA.npz")
@@ -290,31 +297,53 @@ def _transform(
     if output.suffix == SIDECAR_SUFFIX:
         raise ModelSqueezeError(f"{output}: the output model must not end in {SIDECAR_SUFFIX}")
     arrays = load_npz(validate) if validate is not None else None
-    with progress_bar(f"{command} {model.name}", 1, quiet) as advance:
-        result = apply(pair)
-        advance(1)
     summary: dict = {"command": command, "input": str(model), "output": str(output), "sidecar": str(sidecar_path(output))}
+    measure = None
     if arrays is not None:
-        before = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
+        summary["accuracy_before"] = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
         # Measured on the graph exactly as it will be written (native forms and all).
-        after = _labelled_accuracy(rendered(result.model, result.records.values()), str(output), arrays, str(validate), quiet)
-        summary.update(accuracy_before=before, accuracy_after=after, drop_pp=100 * (before - after))
+        measure = lambda graph: top1_accuracy(graph, arrays, str(output), str(validate))  # noqa: E731
+    with progress_bar(f"{command} {model.name}", len(steps), quiet) as advance:
+        def on_step(index: int, step: Step) -> None:
+            advance(1 if index else 0, f"step {index + 1}/{len(steps)} {step.command} {model.name}")
+
+        final, records, outcomes = run_steps(pair.model, pair.records, steps, on_step, measure, size_last=False)
+        advance(1)
+    if arrays is not None:
+        before, after = summary["accuracy_before"], outcomes[-1].accuracy
+        summary.update(accuracy_after=after, drop_pp=100 * (before - after))
         if max_drop is not None and summary["drop_pp"] > max_drop:
             raise CheckFailed(
                 f"accuracy fell {summary['drop_pp']:.2f} pp ({100 * before:.2f}% -> {100 * after:.2f}%), "
                 f"more than --max-drop {max_drop:g}; nothing written"
             )
-    write_pair(result.model, list(result.records.values()), output, force, inputs=[model])
+    write_pair(final, list(records.values()), output, force, inputs=[model])
     written = load_pair(output)
-    rows = _step_rows(pair, written, result.changed)
+    changed = list(dict.fromkeys(key for o in outcomes for key in o.result.changed))
     summary.update(
-        tensors=rows, notes=result.notes,
+        tensors=_step_rows(pair, written, changed), notes=[n for o in outcomes for n in o.notes],
         packed_bytes_before=packed_size(pair), packed_bytes_after=packed_size(written),
     )
+    if len(steps) > 1 or command in ("pipeline", "run"):
+        summary["steps"] = [
+            {"command": o.step.command, "options": step_options(o.step), "changed": len(o.result.changed),
+             "packed_bytes": o.packed_bytes if o.packed_bytes is not None else summary["packed_bytes_after"],
+             **({"accuracy": o.accuracy} if o.accuracy is not None else {})}
+            for o in outcomes
+        ]
     if as_json:
         _print_json(summary)
         return
     _print_step(summary, quiet)
+
+
+def _given(**options) -> dict:
+    """The options a command was given (None means 'not given': the config's default applies)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _selection(layers: list[str], exclude: list[str], min_params: int) -> dict:
+    return {"layers": list(layers), "exclude": list(exclude), "min_params": min_params}
 
 
 def _step_rows(before, after, changed: list[str]) -> list[dict]:
@@ -350,6 +379,16 @@ def _print_step(summary: dict, quiet: bool) -> None:
         table.add_row(Text(row["name"]), shape, f"{100 * row['sparsity_before']:.1f}% → {100 * row['sparsity_after']:.1f}%", f"{row['unique_values']:,}",
                       f"{row['stored_bytes']:,}", f"{row['bits_per_weight']:.2f}")
     out.print(table)
+    if "steps" in summary:
+        steps = Table(box=box.SIMPLE_HEAD, title="steps", title_justify="left")
+        for col in ("#", "step", "options", "tensors", "packed bytes", "ratio", "accuracy"):
+            steps.add_column(col, justify="left" if col in ("step", "options") else "right")
+        for i, row in enumerate(summary["steps"], 1):
+            options = " ".join(f"{k}={json.dumps(v)}" for k, v in row["options"].items())
+            accuracy = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else ""
+            steps.add_row(str(i), row["command"], Text(options), str(row["changed"]), f"{row['packed_bytes']:,}",
+                          f"{summary['packed_bytes_before'] / row['packed_bytes']:.2f}x", accuracy)
+        out.print(steps)
     before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
     out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x), skeleton + sidecar", highlight=False)
     if "accuracy_before" in summary:
@@ -386,16 +425,9 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Zero weights: magnitude (per layer or global), structured channels, or N:M; store survivors sparsely."""
-    config = PruneConfig(
-        sparsity=LayerRule.parse(sparsity, "--sparsity") if sparsity is not None else None,
-        threshold=LayerRule.parse(threshold, "--threshold") if threshold is not None else None,
-        std_scale=LayerRule.parse(std_scale, "--std-scale") if std_scale is not None else None,
-        nm=parse_nm(nm) if nm is not None else None,
-        scope=scope, structured=structured, norm=norm, shrink=shrink,
-        selection=Selection(tuple(layers), tuple(exclude), min_params),
-    )
-    _transform(model, output, force, lambda pair: run_prune(pair.model, pair.records, config), "prune",
-               validate, max_drop, as_json, quiet)
+    step = make_step("prune", _given(sparsity=sparsity, threshold=threshold, std_scale=std_scale, nm=nm, scope=scope,
+                                     structured=structured, norm=norm, shrink=shrink, **_selection(layers, exclude, min_params)))
+    _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Examples:  modelsqueeze cluster pruned.onnx -o shared.onnx --bits 5   |   "
@@ -421,16 +453,9 @@ def cluster(
     quiet: QuietOpt = False,
 ) -> None:
     """k-means weight sharing: a codebook of K values per tensor and bit-packed indices; zeros stay zero."""
-    from modelsqueeze.passes.cluster import ClusterConfig, cluster as run_cluster
-
-    config = ClusterConfig(
-        bits=LayerRule.parse(bits, "--bits") if bits is not None else None,
-        clusters=LayerRule.parse(clusters, "--clusters") if clusters is not None else None,
-        init=init, method=method, scope=scope, seed=seed,
-        selection=Selection(tuple(layers), tuple(exclude), min_params),
-    )
-    _transform(model, output, force, lambda pair: run_cluster(pair.model, pair.records, config), "cluster",
-               validate, max_drop, as_json, quiet)
+    step = make_step("cluster", _given(bits=bits, clusters=clusters, init=init, method=method, scope=scope, seed=seed,
+                                       **_selection(layers, exclude, min_params)))
+    _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Examples:  modelsqueeze quantize m.onnx -o q8.onnx   (int8, per channel, symmetric)   |   "
@@ -440,7 +465,7 @@ def cluster(
 def quantize(
     model: ModelArg,
     output: OutputOpt,
-    bits: Annotated[int, typer.Option("--bits", "-b", help="2..8 bits per weight (8 and 4 map to ONNX int8/int4 DequantizeLinear).")] = 8,
+    bits: Annotated[str, typer.Option("--bits", "-b", help="2..8 bits per weight (8 and 4 map to ONNX int8/int4 DequantizeLinear), or per layer 'fc3*=8,4'.")] = "8",
     signed: Annotated[bool, typer.Option("--signed/--unsigned", help="Signed (int8/int4) or unsigned (uint8/uint4) codes.")] = True,
     symmetric: Annotated[bool, typer.Option("--symmetric/--affine", help="Zero point at the grid's middle, or fitted to each group's min..max.")] = True,
     granularity: Annotated[str, typer.Option("--granularity", "-g", help="tensor | channel (per output channel of each consumer) | block (along the input axis).")] = "channel",
@@ -457,15 +482,11 @@ def quantize(
     quiet: QuietOpt = False,
 ) -> None:
     """Linear weight quantization to int8/int4 (or 2..8 bits): per tensor, channel or block; zeros stay zero."""
-    from modelsqueeze.passes.quantize import QuantizeConfig, quantize as run_quantize
-
     _check_finite(percentile=percentile)
-    config = QuantizeConfig(
-        bits=bits, signed=signed, symmetric=symmetric, granularity=granularity, block_size=block_size,
-        range=range_method, percentile=percentile, selection=Selection(tuple(layers), tuple(exclude), min_params),
-    )
-    _transform(model, output, force, lambda pair: run_quantize(pair.model, pair.records, config), "quantize",
-               validate, max_drop, as_json, quiet)
+    step = make_step("quantize", _given(bits=bits, signed=signed, symmetric=symmetric, granularity=granularity,
+                                        block_size=block_size, range=range_method, percentile=percentile,
+                                        **_selection(layers, exclude, min_params)))
+    _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Examples:  modelsqueeze huffman shared.onnx -o coded.onnx   |   "
@@ -485,11 +506,8 @@ def huffman(
     quiet: QuietOpt = False,
 ) -> None:
     """Canonical Huffman coding of the sidecar's index, code and position streams (lossless)."""
-    from modelsqueeze.passes.huffman import HuffmanConfig, huffman as run_huffman
-
-    config = HuffmanConfig(max_unique=max_unique, selection=Selection(tuple(layers), tuple(exclude), min_params))
-    _transform(model, output, force, lambda pair: run_huffman(pair.model, pair.records, config), "huffman",
-               validate, max_drop, as_json, quiet)
+    step = make_step("huffman", _given(max_unique=max_unique, **_selection(layers, exclude, min_params)))
+    _transform(model, output, force, [step], "huffman", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Examples:  modelsqueeze svd lenet300.onnx -o low.onnx --energy 0.9   |   "
@@ -514,13 +532,9 @@ def svd(
     quiet: QuietOpt = False,
 ) -> None:
     """Low-rank factorization of MatMul/Gemm weights (two MatMuls) and Conv weights (k×k conv to r channels + 1×1 conv)."""
-    from modelsqueeze.passes.svd import SvdConfig, svd as run_svd
-
-    rules = {name: LayerRule.parse(value, "--" + name.replace("_", "-")) if value is not None else None
-             for name, value in (("rank", rank), ("energy", energy), ("ratio", ratio), ("max_error", max_error))}
-    config = SvdConfig(**rules, target_params=target_params, selection=Selection(tuple(layers), tuple(exclude), min_params))
-    _transform(model, output, force, lambda pair: run_svd(pair.model, pair.records, config), "svd",
-               validate, max_drop, as_json, quiet)
+    step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error,
+                                   target_params=target_params, **_selection(layers, exclude, min_params)))
+    _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")

@@ -29,7 +29,7 @@ from modelsqueeze.model import (
     model_to_bytes,
     save_model,
 )
-from modelsqueeze.sidecar import Sidecar, encode_sidecar, read_sidecar
+from modelsqueeze.sidecar import Sidecar, decode_sidecar, encode_sidecar, read_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
 SIDECAR_SUFFIX = ".msq"
@@ -106,6 +106,27 @@ def packed_size(pair: "Pair") -> int:
     if pair.sidecar is None:
         return model_file_bytes(pair.path)
     return len(model_to_bytes(skeleton(pair.model, pair.records.values()))) + pair.sidecar_path.stat().st_size
+
+
+def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor]) -> int:
+    """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it."""
+    graph = rendered(model, records)
+    return len(model_to_bytes(skeleton(model, records))) + len(encode_sidecar(list(records), graph_hash(graph)))
+
+
+def round_trip(
+    model: onnx.ModelProto, records: dict[str, CompressedTensor], source: str = "<pipeline>"
+) -> tuple[onnx.ModelProto, dict[str, CompressedTensor]]:
+    """What `load_pair` would give after `write_pair(model, records)`, in memory: the graph as it
+    would be written, the records as the sidecar would give them back, the logical model rebuilt.
+    A pipeline passes this between steps, so it computes exactly what one command per step does."""
+    graph = rendered(model, records.values())
+    check_model(graph, source, full=True)
+    car = decode_sidecar(encode_sidecar(list(records.values()), graph_hash(graph)), source)
+    logical = onnx.ModelProto()
+    logical.ParseFromString(model_to_bytes(graph))
+    render(logical, car.records.values(), dense=True)
+    return logical, dict(car.records)
 
 
 def write_pair(

@@ -1,0 +1,68 @@
+"""Run steps one after another in memory, exactly as one command per step would.
+
+Between steps the pair goes through `pack.round_trip` (what writing and reloading OUT.onnx + OUT.msq
+would give), so `pipeline`/`run` and a chain of single commands produce byte-identical files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import onnx
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.pack import packed_bytes, rendered, round_trip
+from modelsqueeze.passes import PassResult
+from modelsqueeze.recipe import Step
+from modelsqueeze.tensor import CompressedTensor
+
+
+@dataclass
+class StepOutcome:
+    """What one step did: its pass result, the packed size after it, and (with data) accuracy."""
+
+    step: Step
+    result: PassResult
+    packed_bytes: int | None
+    accuracy: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def describe(steps: Sequence[Step]) -> str:
+    return " → ".join(s.command for s in steps) if steps else "(none)"
+
+
+def run_steps(
+    model: onnx.ModelProto,
+    records: dict[str, CompressedTensor],
+    steps: Sequence[Step],
+    on_step: Callable[[int, Step], None] | None = None,
+    measure: Callable[[onnx.ModelProto], float] | None = None,
+    size_last: bool = True,
+) -> tuple[onnx.ModelProto, dict[str, CompressedTensor], list[StepOutcome]]:
+    """Apply `steps` in order to the logical `model` with its `records`. `on_step(i, step)` is
+    called before each; `measure(rendered_graph)` (accuracy) after each when given. The packed size
+after the last step is left None unless `size_last` (a caller that writes the pair measures the
+file instead). A failing step
+    raises a ModelSqueezeError naming it and the steps that ran before it."""
+    outcomes: list[StepOutcome] = []
+    written, written_records = model, records
+    for index, step in enumerate(steps):
+        if on_step is not None:
+            on_step(index, step)
+        try:
+            result = step.apply(model, records)
+            # The next step (and the size) sees what reloading the written pair would give; the
+            # last result itself is what gets written, as a single command would write it.
+            size = None
+            if index + 1 < len(steps) or size_last:
+                model, records = round_trip(result.model, result.records)
+                size = packed_bytes(model, list(records.values()))
+        except ModelSqueezeError as exc:
+            before = f" (after {describe(steps[:index])})" if index else ""
+            raise type(exc)(f"step {index + 1} {step.command}{before}: {exc}") from None
+        written, written_records = result.model, result.records
+        accuracy = measure(rendered(written, written_records.values())) if measure is not None else None
+        outcomes.append(StepOutcome(step, result, size, accuracy, list(result.notes)))
+    return written, written_records, outcomes

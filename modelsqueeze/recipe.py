@@ -1,0 +1,371 @@
+"""Steps and recipes: one vocabulary for CLI flags, TOML recipes and the Python API.
+
+A step is a command name and that command's frozen config; a recipe is an ordered list of steps
+plus where to read, write and validate. Recipe keys are the command-line option names (`min_params`
+or `min-params`), values are the same too, and a per-layer value is a table of globs:
+
+    input = "../sample_models/lenet300.onnx"   # paths are relative to the recipe file
+    output = "../out/lenet300_small.onnx"
+    validate = "../sample_models/lenet300.npz"
+    max_drop = 1.0
+
+    [[step]]
+    command = "prune"
+    sparsity = { "fc1*" = 0.95, default = 0.8 }   # first matching glob wins; default: the rest
+    scope = "layer"
+
+    [[step]]
+    command = "cluster"
+    bits = 5
+
+    [[step]]
+    command = "huffman"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import onnx
+
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.tensor import CompressedTensor
+
+RECIPE_VERSION = 1
+
+# command -> (module, config class, pass function); imported on first use.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prune": ("modelsqueeze.passes.prune", "PruneConfig", "prune"),
+    "cluster": ("modelsqueeze.passes.cluster", "ClusterConfig", "cluster"),
+    "quantize": ("modelsqueeze.passes.quantize", "QuantizeConfig", "quantize"),
+    "svd": ("modelsqueeze.passes.svd", "SvdConfig", "svd"),
+    "huffman": ("modelsqueeze.passes.huffman", "HuffmanConfig", "huffman"),
+}
+SELECTION_KEYS = ("layers", "exclude", "min_params")
+TOP_KEYS = ("version", "input", "output", "validate", "max_drop", "step")
+
+
+class RecipeError(ModelSqueezeError):
+    """A recipe that cannot be used; the message names the file and line."""
+
+
+def config_class(command: str) -> type:
+    module, cls, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One compression command and its options."""
+
+    command: str
+    config: Any
+
+    def apply(self, model: onnx.ModelProto, records: dict[str, CompressedTensor]) -> PassResult:
+        module, _, function = COMMANDS[self.command]
+        return getattr(importlib.import_module(module), function)(model, records, self.config)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]
+    input: Path | None = None
+    output: Path | None = None
+    validate: Path | None = None
+    max_drop: float | None = None
+    version: int = RECIPE_VERSION
+
+
+# --- options -> config ------------------------------------------------------------------------
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Option name -> type for a config class (the selection's three keys stand for `selection`)."""
+    hints = typing.get_type_hints(cls)
+    out = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ("selection", "version")}
+    out.update(layers=list[str], exclude=list[str], min_params=int)
+    return out
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(type, optional) from `X | None`."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), True
+    return hint, False
+
+
+def _rule(value: Any, option: str) -> LayerRule:
+    if isinstance(value, bool):
+        raise ModelSqueezeError(f"{option}: expected a number, a 'glob=value,...' string or a table of globs, got {value}")
+    if isinstance(value, (int, float)):
+        return LayerRule.parse(repr(value), option)
+    if isinstance(value, str):
+        return LayerRule.parse(value, option)
+    if isinstance(value, dict):
+        default, overrides = None, []
+        for glob, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ModelSqueezeError(f"{option}: {glob!r} = {number!r} is not a finite number")
+            if glob == "default":
+                default = float(number)
+            else:
+                overrides.append((glob, float(number)))
+        if default is None and not overrides:
+            raise ModelSqueezeError(f"{option}: an empty table gives no value")
+        return LayerRule(default, tuple(overrides))
+    raise ModelSqueezeError(f"{option}: expected a number, a 'glob=value,...' string or a table of globs")
+
+
+def _convert(value: Any, hint: Any, option: str) -> Any:
+    base, optional = _base_type(hint)
+    if base is LayerRule:
+        return _rule(value, option)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ModelSqueezeError(f"{option}: expected true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelSqueezeError(f"{option}: expected a whole number, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelSqueezeError(f"{option}: expected a finite number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ModelSqueezeError(f"{option}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(base) is list:  # --layers / --exclude: one glob or a list of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ModelSqueezeError(f"{option}: expected a glob or a list of globs")
+        return tuple(items)
+    if typing.get_origin(base) is tuple:  # prune's nm = "2:4"
+        from modelsqueeze.passes.prune import parse_nm
+
+        if not isinstance(value, str):
+            raise ModelSqueezeError(f"{option}: expected a string such as \"2:4\"")
+        return parse_nm(value)
+    raise ModelSqueezeError(f"{option}: unsupported option type {hint}")  # pragma: no cover - a new config field
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def make_step(command: str, options: dict[str, Any]) -> Step:
+    """The step `command` with `options` (recipe/CLI names, either spelling); unknown names,
+    wrong types and invalid values are ModelSqueezeErrors naming the option."""
+    if command not in COMMANDS:
+        raise ModelSqueezeError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
+    cls = config_class(command)
+    known = _fields(cls)
+    values: dict[str, Any] = {}
+    selection: dict[str, Any] = {}
+    for name, value in options.items():
+        key = _key(name)
+        if key == "version":
+            if value != cls.version:
+                raise ModelSqueezeError(f"version = {value!r}: this modelsqueeze reads {command} options version {cls.version}")
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; {command} takes {', '.join(sorted(known))}"
+            raise ModelSqueezeError(f"unknown option {name!r}{hint}")
+        converted = _convert(value, known[key], "--" + key.replace("_", "-"))
+        (selection if key in SELECTION_KEYS else values)[key] = converted
+    return Step(command, cls(**values, selection=Selection(**selection)))
+
+
+# --- config -> options ------------------------------------------------------------------------
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+
+def step_options(step: Step) -> dict[str, Any]:
+    """The options of `step` that differ from the defaults, in recipe vocabulary (a LayerRule
+    becomes a number or a table of globs)."""
+    cls = type(step.config)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "version":
+            continue
+        value = getattr(step.config, f.name)
+        if f.name == "selection":
+            for key in SELECTION_KEYS:
+                sel = getattr(value, key)
+                if sel != getattr(Selection(), key):
+                    out[key] = list(sel) if isinstance(sel, tuple) else sel
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if value == default:
+            continue
+        if isinstance(value, LayerRule):
+            if not value.overrides:
+                value = _number(value.default)
+            else:
+                table = {glob: _number(v) for glob, v in value.overrides}
+                if value.default is not None:
+                    table["default"] = _number(value.default)
+                value = table
+        elif f.name == "nm" and value is not None:
+            value = f"{value[0]}:{value[1]}"
+        out[f.name] = value
+    return out
+
+
+# --- TOML ---------------------------------------------------------------------------------------
+
+def _line_of(text: str, step_index: int | None, key: str | None) -> int:
+    """The 1-based line of `key` in step `step_index` (0-based; None: the top level), best effort."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*step\s*\]\]", line)]
+    if step_index is not None and step_index < len(headers):
+        start = headers[step_index]
+        end = headers[step_index + 1] if step_index + 1 < len(headers) else len(lines)
+    elif step_index is None and headers:
+        end = headers[0]
+    if key is not None:
+        pattern = re.compile(rf"""\s*(\[\s*step\.)?["']?{re.escape(key)}["']?\s*(=|\])""")
+        for i in range(start, end):
+            if pattern.match(lines[i]):
+                return i + 1
+        if "_" in key:
+            return _line_of(text, step_index, key.replace("_", "-"))
+    return start + 1
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ModelSqueezeError(f"{key}: expected a file path string")
+    return base / value
+
+
+def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) -> Recipe:
+    """A Recipe from TOML text; every problem is a RecipeError `source:line: message`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = match.group(1) if match else "?"
+        raise RecipeError(f"{source}:{line}: not valid TOML: {str(exc).split(' (at line')[0]}") from None
+
+    def fail(message: str, step_index: int | None = None, key: str | None = None) -> RecipeError:
+        return RecipeError(f"{source}:{_line_of(text, step_index, key)}: {message}")
+
+    for key in data:
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(key, TOP_KEYS, n=1)
+            raise fail(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                 f"; a recipe has {', '.join(TOP_KEYS)}"), None, key)
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise fail(f"recipe version {version!r}: this modelsqueeze reads version {RECIPE_VERSION}", None, "version")
+    paths = {}
+    for key in ("input", "output", "validate"):
+        if key in data:
+            try:
+                paths[key] = _path(data[key], key, base)
+            except ModelSqueezeError as exc:
+                raise fail(str(exc), None, key) from None
+    max_drop = data.get("max_drop")
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))
+                                 or not math.isfinite(max_drop) or max_drop < 0):
+        raise fail(f"max_drop = {max_drop!r}: expected a number of percentage points, 0 or more", None, "max_drop")
+    raw_steps = data.get("step")
+    if not raw_steps:
+        raise fail("no steps: add at least one [[step]] table with command = \"prune\" (or cluster, quantize, svd, huffman)")
+    if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
+        raise fail("`step` must be an array of tables: write each step as [[step]]", None, "step")
+    steps = []
+    for index, raw in enumerate(raw_steps):
+        options = dict(raw)
+        command = options.pop("command", None)
+        label = f"step {index + 1}"
+        if command is None:
+            raise fail(f"{label}: no command = \"...\" (one of {', '.join(COMMANDS)})", index)
+        if command not in COMMANDS:
+            close = difflib.get_close_matches(str(command), COMMANDS, n=1)
+            raise fail(f"{label}: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                       f"; expected one of {', '.join(COMMANDS)}"), index, "command")
+        try:
+            steps.append(make_step(command, options))
+        except ModelSqueezeError as exc:
+            message = str(exc)
+            key = next((k for k in options if re.search(rf"\b{re.escape(_key(k))}\b|'{re.escape(k)}'|--{re.escape(k.replace('_', '-'))}\b", message)), None)
+            raise fail(f"{label} ({command}): {message}", index, key) from None
+    return Recipe(tuple(steps), paths.get("input"), paths.get("output"), paths.get("validate"),
+                  float(max_drop) if max_drop is not None else None, version)
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory, not a recipe file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} not found") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a TOML recipe (not UTF-8 text)") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    return parse_recipe(text, str(path), path.parent)
+
+
+def _toml_string(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")  # pragma: no cover
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+
+
+def dump_recipe(recipe: Recipe, base: Path = Path("."), comment: str = "") -> str:
+    """TOML text that `parse_recipe(text, base=base)` reads back as `recipe` (paths relative to base)."""
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    lines.append(f"version = {recipe.version}")
+    for key in ("input", "output", "validate"):
+        value = getattr(recipe, key)
+        if value is not None:
+            lines.append(f"{key} = {_toml_string(_relative(value, base))}")
+    if recipe.max_drop is not None:
+        lines.append(f"max_drop = {_toml_value(_number(recipe.max_drop))}")
+    for step in recipe.steps:
+        lines += ["", "[[step]]", f"command = {_toml_string(step.command)}"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in step_options(step).items()]
+    return "\n".join(lines) + "\n"
