@@ -369,3 +369,24 @@ def dump_recipe(recipe: Recipe, base: Path = Path("."), comment: str = "") -> st
         lines += ["", "[[step]]", f"command = {_toml_string(step.command)}"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in step_options(step).items()]
     return "\n".join(lines) + "\n"
+
+
+def parse_step_spec(text: str) -> Step:
+    """A step from one line of text, `COMMAND key=value ...` (values in TOML syntax; a bare word that
+    is not TOML is taken as a string), e.g. `cluster bits=5 init=linear` or `prune sparsity='fc1*=0.9,0.8'`."""
+    parts = text.split()
+    if not parts:
+        raise ModelSqueezeError("empty step: expected COMMAND key=value ..., e.g. 'cluster bits=5'")
+    command, options = parts[0], {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ModelSqueezeError(f"step {text!r}: {part!r} is not key=value")
+        try:
+            options[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = value
+    try:
+        return make_step(command, options)
+    except ModelSqueezeError as exc:
+        raise ModelSqueezeError(f"step {text!r}: {exc}") from None
