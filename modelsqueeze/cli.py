@@ -20,10 +20,10 @@ from rich.text import Text
 
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
-from modelsqueeze.model import check_output, find_weights
+from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
 from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
 from modelsqueeze.pipeline import run_steps
-from modelsqueeze.recipe import Step, make_step, step_options
+from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, markdown, rich_table, summary_table
 from modelsqueeze.validate import (
     Runner,
@@ -535,6 +535,106 @@ def svd(
     step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error,
                                    target_params=target_params, **_selection(layers, exclude, min_params)))
     _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several steps in one call: from flags (pipeline) or from a TOML recipe (run).
+
+def _save_recipe(recipe: Recipe, path: Path, force: bool, comment: str) -> None:
+    check_output(path, force)
+    atomic_write_bytes(path, dump_recipe(recipe, path.parent, comment).encode())
+
+
+def _check_recipe_target(path: Optional[Path], force: bool) -> None:
+    if path is not None:
+        if path.suffix != ".toml":
+            raise ModelSqueezeError(f"{path}: a recipe file should end in .toml")
+        check_output(path, force)
+
+
+@app.command(epilog="Examples:  modelsqueeze pipeline lenet300.onnx -o small.onnx --prune 0.9 --bits 5 --huffman   |   "
+             "modelsqueeze pipeline m.onnx -o s.onnx --prune 'fc1*=0.95,0.8' --prune-scope layer --bits 4 --huffman "
+             "--validate test.npz --max-drop 1 --save-recipe small.toml   |   "
+             "modelsqueeze pipeline m.onnx -o q.onnx --svd-energy 0.9 --quantize 4 --huffman --dry-run")
+@handles_errors
+def pipeline(
+    model: ModelArg,
+    output: OutputOpt,
+    svd_energy: Annotated[Optional[str], typer.Option("--svd-energy", help="Step 1, svd: keep this fraction of each layer's squared singular values (per-layer syntax allowed).")] = None,
+    svd_rank: Annotated[Optional[str], typer.Option("--svd-rank", help="Step 1, svd: factor rank per layer instead of --svd-energy.")] = None,
+    prune_sparsity: Annotated[Optional[str], typer.Option("--prune", help="Step 2, prune: fraction of weights to zero, e.g. 0.9 or 'fc1*=0.95,0.8'.")] = None,
+    prune_scope: Annotated[str, typer.Option("--prune-scope", help="layer | global ranking for --prune.")] = "layer",
+    bits: Annotated[Optional[str], typer.Option("--bits", "-b", help="Step 3, cluster: index bits per tensor (2^B shared values), e.g. 5 or 'fc3*=6,4'.")] = None,
+    quantize_bits: Annotated[Optional[str], typer.Option("--quantize", help="Step 3, quantize instead of cluster: linear bits per weight, e.g. 8 or 4.")] = None,
+    granularity: Annotated[str, typer.Option("--granularity", "-g", help="With --quantize: tensor | channel | block.")] = "channel",
+    huffman_coding: Annotated[bool, typer.Option("--huffman", help="Step 4: Huffman-code the sidecar's streams.")] = False,
+    layers: LayersOpt = [],
+    exclude: ExcludeOpt = [],
+    min_params: MinParamsOpt = 0,
+    save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Also write these steps as a TOML recipe (for `modelsqueeze run`).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the recipe these flags make and stop (nothing is read or written).")] = False,
+    validate: ValidateOpt = None,
+    max_drop: MaxDropOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Several steps in one call, in Deep Compression's order: svd → prune → cluster (or quantize) → huffman.
+    The files written are byte-identical to running the same steps one command at a time."""
+    if bits is not None and quantize_bits is not None:
+        raise ModelSqueezeError("give --bits (cluster) or --quantize (linear), not both")
+    selection = _selection(layers, exclude, min_params)
+    steps = []
+    if svd_energy is not None or svd_rank is not None:
+        steps.append(make_step("svd", _given(energy=svd_energy, rank=svd_rank, **selection)))
+    if prune_sparsity is not None:
+        steps.append(make_step("prune", _given(sparsity=prune_sparsity, scope=prune_scope, **selection)))
+    if bits is not None:
+        steps.append(make_step("cluster", _given(bits=bits, **selection)))
+    if quantize_bits is not None:
+        steps.append(make_step("quantize", _given(bits=quantize_bits, granularity=granularity, **selection)))
+    if huffman_coding:
+        steps.append(make_step("huffman", selection))
+    if not steps:
+        raise ModelSqueezeError("no steps: give at least one of --svd-energy/--svd-rank, --prune, --bits, --quantize, --huffman")
+    recipe = Recipe(tuple(steps), model, output, validate, max_drop)
+    if dry_run:
+        print(dump_recipe(recipe, Path.cwd(), "modelsqueeze recipe (paths relative to this file's folder)"), end="")
+        return
+    _check_recipe_target(save_recipe, force)
+    _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet)
+    if save_recipe is not None:
+        _save_recipe(recipe, save_recipe, force, "written by `modelsqueeze pipeline --save-recipe`; run it with `modelsqueeze run`")
+
+
+@app.command("run", epilog="Examples:  modelsqueeze run recipes/lenet300.toml   |   "
+             "modelsqueeze run deep.toml --input other.onnx -o other_small.onnx --force   |   "
+             "modelsqueeze run deep.toml --validate test.npz --max-drop 0.5")
+@handles_errors
+def run_recipe(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A TOML recipe: ordered [[step]] tables (see `modelsqueeze pipeline --dry-run`).", show_default=False)],
+    input_path: Annotated[Optional[Path], typer.Option("--input", "-i", help="The model to compress (overrides the recipe's `input`).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output model (overrides the recipe's `output`).")] = None,
+    validate: Annotated[Optional[Path], typer.Option("--validate", help="Labelled .npz (overrides the recipe's `validate`).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Exit 1, writing nothing, if accuracy falls by more than PP points (overrides the recipe's `max_drop`).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a TOML recipe: its steps in order, with per-layer overrides, validation and --max-drop.
+    Paths in the recipe are relative to the recipe file; options given here win."""
+    recipe = load_recipe(recipe_path)
+    model = input_path or recipe.input
+    out_path = output or recipe.output
+    if model is None:
+        raise ModelSqueezeError(f"{recipe_path}: no `input` in the recipe; give --input MODEL.onnx")
+    if out_path is None:
+        raise ModelSqueezeError(f"{recipe_path}: no `output` in the recipe; give --output OUT.onnx")
+    validate = validate or recipe.validate
+    max_drop = max_drop if max_drop is not None else recipe.max_drop
+    if max_drop is not None and validate is None and recipe.max_drop is not None:
+        raise ModelSqueezeError(f"{recipe_path}: `max_drop` needs `validate` (or --validate DATA.npz)")
+    _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet)
 
 
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")
