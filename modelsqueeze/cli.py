@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -24,7 +25,7 @@ from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
 from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
-from modelsqueeze.report import build_report, check_thresholds, markdown, rich_table, summary_table
+from modelsqueeze.report import build_report, check_thresholds, load_previous, markdown, parse_growth, rich_table, summary_table
 from modelsqueeze.validate import (
     Runner,
     accuracy,
@@ -227,7 +228,9 @@ def eval_command(
 
 
 @app.command(epilog="Examples:  modelsqueeze report small.onnx --baseline sample_models/lenet300.onnx   |   "
-             "modelsqueeze report small.onnx --baseline big.onnx --data test.npz --max-drop 1 --min-ratio 10 --max-bytes 100KB")
+             "modelsqueeze report small.onnx --baseline big.onnx --data test.npz --max-drop 1 --min-ratio 10 --max-bytes 100KB   |   "
+             "CI size gate: modelsqueeze report small.onnx --data test.npz --baseline-json size.json --max-growth 1% --max-drop 0.5   |   "
+             "modelsqueeze report small.onnx --plot weights.png")
 @handles_errors
 def report(
     model: ModelArg,
@@ -237,7 +240,10 @@ def report(
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for PR comments, docs).")] = False,
     max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", help="Fail (exit 1) if the packed size exceeds this (e.g. 120000, 1.5MB, 200KiB).")] = None,
     min_ratio: Annotated[Optional[float], typer.Option("--min-ratio", help="Fail (exit 1) if baseline/packed is below this ratio.")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 1) if accuracy falls more than PP percentage points below the baseline's (needs --data, --baseline).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 1) if accuracy falls more than PP percentage points below the baseline's (needs --data and --baseline or a --baseline-json with an accuracy).")] = None,
+    baseline_json: Annotated[Optional[Path], typer.Option("--baseline-json", help="A saved `report --json` (e.g. committed as size.json): --max-growth and --max-drop compare with it.")] = None,
+    max_growth: Annotated[Optional[str], typer.Option("--max-growth", help="Fail (exit 1) if the packed size grew more than this over --baseline-json, e.g. 1% or 0.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write per-layer weight histograms with codebook centroids / quantization grid marked (.png, .svg, .pdf; needs matplotlib).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-tensor and total sizes, sparsity, unique values, bits per weight, ratio and accuracy; CI gates."""
@@ -245,18 +251,36 @@ def report(
         raise ModelSqueezeError("give --json or --markdown, not both")
     _check_finite(min_ratio=min_ratio, max_drop=max_drop)
     limit = parse_size(max_bytes) if max_bytes is not None else None
-    if max_drop is not None and (data is None or baseline is None):
-        raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx")
+    growth = parse_growth(max_growth) if max_growth is not None else None
+    if growth is not None and baseline_json is None:
+        raise ModelSqueezeError("--max-growth needs --baseline-json SIZE.json (a saved `report --json`)")
+    if max_drop is not None and (data is None or (baseline is None and baseline_json is None)):
+        raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx (or --baseline-json SIZE.json)")
     if min_ratio is not None and baseline is None:
         raise ModelSqueezeError("--min-ratio needs --baseline ORIGINAL.onnx to compute a ratio")
+    if plot is not None:
+        from modelsqueeze import plots
+
+        plots.check_plot_path(plot)
+        plots.require_matplotlib()
     pair = load_pair(model)
     result = build_report(pair, baseline)
+    if baseline_json is not None:
+        load_previous(result, baseline_json)
     if data is not None:
         arrays = load_npz(data)
         result.accuracy = _labelled_accuracy(pair.runnable(), str(model), arrays, str(data), quiet)
         if baseline is not None:
             result.baseline_accuracy = _labelled_accuracy(load_pair(baseline).runnable(), str(baseline), arrays, str(data), quiet)
-    failures = check_thresholds(result, limit, min_ratio, max_drop)
+    failures = check_thresholds(result, limit, min_ratio, max_drop, growth)
+    if plot is not None:
+        layers, title = plots.histogram_layers(pair), f"weights of {model.name}"
+        if baseline is not None:  # the original weights under the compressed model's centroids / grid
+            original = {w.key: w.array() for w in find_weights(load_pair(baseline).model)}
+            layers = [dataclasses.replace(layer, values=original[layer.name][original[layer.name] != 0])
+                      if layer.name in original else layer for layer in layers]
+            title = f"weights of {baseline.name} with the codebooks / grids of {model.name}"
+        plots.plot_histograms(layers, plot, title=title)
     if as_json:
         _print_json(result.to_dict())
     elif as_markdown:

@@ -4,6 +4,7 @@ bits per weight, ratios and accuracy, rendered as a rich table, JSON or Markdown
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,10 @@ class Report:
     baseline_gzip_bytes: int | None = None
     accuracy: float | None = None
     baseline_accuracy: float | None = None
+    # A previous report (`report --json` saved in the repository): the CI size gate compares with it.
+    previous: str | None = None
+    previous_bytes: int | None = None
+    previous_accuracy: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -79,6 +84,13 @@ class Report:
         if self.accuracy is None or self.baseline_accuracy is None:
             return None
         return 100.0 * (self.baseline_accuracy - self.accuracy)
+
+    @property
+    def growth_pct(self) -> float | None:
+        """How much bigger than the previous report's packed size, in percent (negative: smaller)."""
+        if self.previous_bytes is None:
+            return None
+        return 100.0 * (self.packed_bytes - self.previous_bytes) / self.previous_bytes if self.previous_bytes else float("inf")
 
     def totals(self) -> dict[str, float]:
         params = sum(t.params for t in self.tensors)
@@ -98,7 +110,8 @@ class Report:
         for row, obj in zip(data["tensors"], self.tensors):
             row["bits_per_weight"] = obj.bits_per_weight
             row["bits_per_nonzero"] = obj.bits_per_nonzero
-        data.update(totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, ok=not self.failures)
+        data.update(totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, growth_pct=self.growth_pct,
+                    ok=not self.failures)
         return data
 
 
@@ -180,8 +193,42 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
     return report
 
 
-def check_thresholds(report: Report, max_bytes: int | None, min_ratio: float | None, max_drop: float | None) -> list[str]:
-    """The CI gate: one message per threshold that failed."""
+def load_previous(report: Report, path: Path) -> None:
+    """Fill `previous_*` from a saved `report --json` (the committed size baseline of a CI gate)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelSqueezeError(f"--baseline-json {path}: not found (make one with `modelsqueeze report MODEL --json > {path}`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelSqueezeError(f"--baseline-json {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelSqueezeError(f"--baseline-json {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
+    size = data.get("packed_bytes") if isinstance(data, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ModelSqueezeError(f"--baseline-json {path}: no packed_bytes count in it (is it the output of `modelsqueeze report --json`?)")
+    accuracy = data.get("accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1):
+        raise ModelSqueezeError(f"--baseline-json {path}: accuracy {accuracy!r} is not a fraction from 0 to 1")
+    report.previous, report.previous_bytes, report.previous_accuracy = str(path), size, accuracy
+
+
+def parse_growth(text: str) -> float:
+    """Percent from '1%', '0.5%' or '2' (percent either way)."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise ModelSqueezeError(f"--max-growth {text!r}: expected a percentage such as 1% or 0.5") from None
+    if not np.isfinite(value) or value < 0:
+        raise ModelSqueezeError(f"--max-growth {text!r}: expected a percentage, 0 or more")
+    return value
+
+
+def check_thresholds(report: Report, max_bytes: int | None, min_ratio: float | None, max_drop: float | None,
+                     max_growth: float | None = None) -> list[str]:
+    """The CI gate: one message per threshold that failed. The accuracy drop is measured against
+    the baseline model when one is given, else against the previous report's accuracy."""
     failures = []
     if max_bytes is not None and report.packed_bytes > max_bytes:
         failures.append(f"packed size {report.packed_bytes:,} B exceeds --max-bytes {max_bytes:,} B")
@@ -190,12 +237,25 @@ def check_thresholds(report: Report, max_bytes: int | None, min_ratio: float | N
             raise ModelSqueezeError("--min-ratio needs --baseline ORIGINAL.onnx to compute a ratio")
         if report.ratio < min_ratio:
             failures.append(f"ratio {report.ratio:.2f}x is below --min-ratio {min_ratio:g}x")
-    if max_drop is not None:
-        if report.drop_pp is None:
-            raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx")
-        if report.drop_pp > max_drop:
+    if max_growth is not None:
+        if report.growth_pct is None:
+            raise ModelSqueezeError("--max-growth needs --baseline-json SIZE.json (a saved `report --json`)")
+        if report.growth_pct > max_growth:
             failures.append(
-                f"accuracy dropped {report.drop_pp:.2f} pp ({100 * report.baseline_accuracy:.2f}% -> "
+                f"packed size {report.packed_bytes:,} B grew {report.growth_pct:.2f}% over {report.previous_bytes:,} B "
+                f"in {report.previous}, more than --max-growth {max_growth:g}%"
+            )
+    if max_drop is not None:
+        reference, against = report.baseline_accuracy, report.baseline
+        if reference is None and report.accuracy is not None and report.previous_accuracy is not None:
+            reference, against = report.previous_accuracy, report.previous
+        if reference is None or report.accuracy is None:
+            raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx "
+                                    "(or a --baseline-json holding an accuracy)")
+        drop = 100.0 * (reference - report.accuracy)
+        if drop > max_drop:
+            failures.append(
+                f"accuracy dropped {drop:.2f} pp ({100 * reference:.2f}% in {against} -> "
                 f"{100 * report.accuracy:.2f}%), more than --max-drop {max_drop:g} pp"
             )
     report.failures = failures
@@ -221,6 +281,11 @@ def _summary_lines(report: Report) -> list[tuple[str, str]]:
     if report.baseline_accuracy is not None:
         lines.append(("baseline accuracy", f"{100 * report.baseline_accuracy:.2f}%"))
         lines.append(("drop", f"{report.drop_pp:+.2f} pp"))
+    if report.previous is not None:
+        lines.append(("previous packed", f"{_fmt_bytes(report.previous_bytes)} B ({report.previous}), "
+                                         f"growth {report.growth_pct:+.2f}%"))
+        if report.previous_accuracy is not None:
+            lines.append(("previous accuracy", f"{100 * report.previous_accuracy:.2f}%"))
     return lines
 
 
