@@ -23,6 +23,7 @@ from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
 from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
+from modelsqueeze.passes import watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, load_previous, markdown, parse_growth, rich_table, summary_table
@@ -88,6 +89,29 @@ def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Callable
             progress.update(task, advance=n, **({"description": description} if description else {}))
 
         yield advance
+
+
+@contextmanager
+def step_progress(label: str, n_steps: int, quiet: bool) -> Iterator[tuple[Callable, Callable]]:
+    """Two bars on stderr: the steps, and the tensors of the current step. Yields the callbacks
+    (on_step(index, step), on_tensor(done, total)); silent when quiet or not a terminal."""
+    if quiet or not err.is_terminal:
+        yield (lambda index, step: None), (lambda done, total: None)
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        steps = progress.add_task(label, total=n_steps)
+        tensors = progress.add_task("  tensors", total=None)
+
+        def on_step(index: int, step) -> None:
+            progress.update(steps, completed=index, description=f"{label}: step {index + 1}/{n_steps} {step.command}")
+            progress.reset(tensors, total=None, description=f"  {step.command}: tensors")
+
+        def on_tensor(done: int, total: int) -> None:
+            progress.update(tensors, completed=done, total=total)
+
+        yield on_step, on_tensor
+        progress.update(steps, completed=n_steps)
 
 
 def _run(runner: Runner, feeds: dict, label: str, quiet: bool) -> list:
@@ -327,12 +351,8 @@ def _transform(
         summary["accuracy_before"] = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
         # Measured on the graph exactly as it will be written (native forms and all).
         measure = lambda graph: top1_accuracy(graph, arrays, str(output), str(validate))  # noqa: E731
-    with progress_bar(f"{command} {model.name}", len(steps), quiet) as advance:
-        def on_step(index: int, step: Step) -> None:
-            advance(1 if index else 0, f"step {index + 1}/{len(steps)} {step.command} {model.name}")
-
+    with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor):
         final, records, outcomes = run_steps(pair.model, pair.records, steps, on_step, measure, size_last=False)
-        advance(1)
     if arrays is not None:
         before, after = summary["accuracy_before"], outcomes[-1].accuracy
         summary.update(accuracy_after=after, drop_pp=100 * (before - after))
@@ -673,6 +693,9 @@ def unpack(
     path = unpack_pair(model, output, force)
     if not quiet:
         err.print(f"wrote {path}", markup=False, highlight=False)
+
+
+from modelsqueeze import cli_sensitivity  # noqa: E402,F401  (registers the sensitivity command)
 
 
 def main() -> None:

@@ -245,3 +245,19 @@ def test_dry_run_prints_a_recipe_and_touches_nothing(tmp_path):
     assert [s.command for s in recipe.steps] == ["prune", "cluster", "huffman"]
     assert recipe.steps[0].config.sparsity.overrides == (("fc1*", 0.9),)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_view_shows_steps_and_tensors(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from modelsqueeze import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    result = invoke("pipeline", LENET300, "-o", tmp_path / "o.onnx", "--prune", "0.5", "--bits", "4", "--huffman")
+    assert result.exit_code == 0, result.output
+    shown = screen.getvalue()
+    for text in ("step 1/3 prune", "step 3/3 huffman", "cluster: tensors", "3/3"):
+        assert text in shown, text

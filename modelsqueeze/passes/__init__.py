@@ -7,7 +7,10 @@ by its sidecar, and returns the rewritten model with the records of its output; 
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -15,6 +18,30 @@ import onnx
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import WeightInfo, find_weights, select_weights
 from modelsqueeze.tensor import CompressedTensor
+
+
+T = TypeVar("T")
+# Who hears about each tensor a pass finishes: (done, total). Set by the CLI for its progress view.
+_watcher: ContextVar[Callable[[int, int], None] | None] = ContextVar("modelsqueeze_progress", default=None)
+
+
+@contextmanager
+def watching(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Passes run inside this call `callback(done, total)` after each tensor of their main loop."""
+    token = _watcher.set(callback)
+    try:
+        yield
+    finally:
+        _watcher.reset(token)
+
+
+def track(items: Sequence[T]) -> Iterator[T]:
+    """Iterate a pass's per-tensor work, telling the current watcher (if any) as each is done."""
+    watcher = _watcher.get()
+    for done, item in enumerate(items, 1):
+        yield item
+        if watcher is not None:
+            watcher(done, len(items))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import onnx
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.passes import LayerRule, PassResult, Selection, track
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
@@ -117,7 +117,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     out, selected = config.selection.start(model)
     notes: list[str] = []
     chosen = []
-    for info in selected:
+    for info in track(selected):
         value, _ = config.rule.lookup(info)
         if value is not None:
             chosen.append((info, info.array(), config.n_clusters(value)))

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.passes import PassResult, Selection
+from modelsqueeze.passes import PassResult, Selection, track
 from modelsqueeze.passes.cluster import index_bits
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
@@ -71,7 +71,7 @@ def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     notes: list[str] = []
     new_records = dict(records)
     changed = []
-    for info in selected:
+    for info in track(selected):
         record = records.get(info.key)
         if record is None:
             array = info.array()

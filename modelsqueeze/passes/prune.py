@@ -12,7 +12,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import prune as kernels
 from modelsqueeze.model import WeightInfo, find_weights
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import LayerRule, PassResult, Selection, sparse_record
+from modelsqueeze.passes import LayerRule, PassResult, Selection, sparse_record, track
 from modelsqueeze.passes.shrink import shrink_channels
 from modelsqueeze.tensor import CompressedTensor
 
@@ -137,6 +137,6 @@ def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: 
         changed += [key for key in sorted(reshaped) if key in records and key not in changed]
     current = {info.key: info for info in find_weights(out)}
     new_records = dict(records)
-    for key in changed:
+    for key in track(changed):
         new_records[key] = sparse_record(key, current[key].array(), records.get(key))
     return PassResult(model=out, records=new_records, changed=changed, notes=notes)

@@ -16,7 +16,7 @@ from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.passes import LayerRule, PassResult, Selection, track
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
@@ -125,7 +125,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
         selected = config.selection.pick(out)
     new_records = dict(records)
     changed = []
-    for info in selected:
+    for info in track(selected):
         value, _ = config.bits.lookup(info)
         if value is None:
             continue

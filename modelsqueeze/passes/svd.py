@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
 from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
-from modelsqueeze.passes import LayerRule, PassResult, Selection
+from modelsqueeze.passes import LayerRule, PassResult, Selection, track
 from modelsqueeze.tensor import CompressedTensor
 
 SUFFIX_IN = ".svd_in"  # the factor applied first, to the layer's input (r output channels)
@@ -332,7 +332,7 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     shapes = _positions(out) if plan else {}
     names = _Names(out)
     layers: list[FactoredLayer] = []
-    for target, rank, how in plan:
+    for target, rank, how in track(plan):
         if target.spectrum is None:
             target.spectrum = lowrank.energies(target.matrix)
         factors = lowrank.factorize(target.matrix, rank, target.spectrum)
