@@ -695,6 +695,7 @@ def unpack(
         err.print(f"wrote {path}", markup=False, highlight=False)
 
 
+from modelsqueeze import cli_sensitivity  # noqa: E402,F401  (registers the sensitivity command)
 
 
 def main() -> None:
