@@ -54,7 +54,7 @@ EPILOG = (
 @handles_errors
 def sensitivity_command(
     model: ModelArg,
-    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled .npz: input arrays by input name (or `x`) and `y` labels.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled .npz (input arrays by input name or `x`, and `y`); without `y`, accuracy is agreement with the model's own predictions (use unlabelled calibration data to keep the test set for the final check).", show_default=False)],
     method: Annotated[str, typer.Option("--method", "-m", help="prune (varies --sparsity) | cluster (--bits) | quantize (--bits) | svd (--energy).", show_default=False)],
     values: Annotated[Optional[str], typer.Option("--values", help="The settings to try instead of the method's grid, e.g. '0.5,0.7,0.9' (sorted gentle to aggressive).")] = None,
     option: Annotated[list[str], typer.Option("--option", help="A fixed option of the method, KEY=VALUE (repeatable), e.g. init=density, granularity=block.")] = [],
@@ -116,9 +116,10 @@ def sensitivity_command(
             check_output(path, force, [model, data])
         plotting.require_matplotlib()
     arrays = load_npz(data)
-    if "y" not in arrays:
-        raise ModelSqueezeError(f"{data}: no `y` labels, so no accuracy (sensitivity needs labelled data)")
     pair = load_pair(model)
+    if "y" not in arrays and not quiet:
+        err.print(f"note: {data} has no `y` labels: accuracy here is top-1 agreement with {model.name}'s own predictions",
+                  markup=False, highlight=False)
     selection = Selection(tuple(layers), tuple(exclude), min_params)
     infos = engine.layers_to_vary(pair.model, selection)
     baseline_bytes = packed_size(pair)
@@ -227,7 +228,7 @@ def _write_recipe(path: Path, recipe: Recipe, comment: str) -> None:
 def _measure_steps(pair, arrays, steps: list[Step], source: str) -> tuple[int, float]:
     """(packed bytes, accuracy) of the pair the steps would write."""
     final, records, _ = run_steps(pair.model, pair.records, steps, size_last=False)
-    evaluate = engine.Evaluator(arrays, source)
+    evaluate = engine.Evaluator(arrays, source, reference=pair.runnable())
     return packed_bytes(final, list(records.values())), evaluate(rendered(final, records.values()), "recipe")
 
 

@@ -23,7 +23,7 @@ from modelsqueeze.passes import Selection, tensor_names
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, make_step
 from modelsqueeze.tensor import CompressedTensor
-from modelsqueeze.validate import Runner, accuracy, split_data
+from modelsqueeze.validate import Runner, accuracy, predictions, split_data
 
 Progress = Callable[[int], None]
 
@@ -135,13 +135,16 @@ def layers_to_vary(model: onnx.ModelProto, selection: Selection) -> list[WeightI
 
 
 class Evaluator:
-    """Top-1 accuracy of candidate graphs on one labelled data set: the data is split once, each
-    graph gets its own onnxruntime session (exactly what validate.top1_accuracy computes)."""
+    """Top-1 accuracy of candidate graphs on one data set: the data is split once, each graph gets
+    its own onnxruntime session (exactly what validate.top1_accuracy computes). Data without `y`
+    labels is scored by top-1 agreement with the `reference` graph's own predictions (the original
+    model), so a search can run on unlabelled calibration data instead of the test set."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data"):
-        self.arrays, self.source = arrays, source
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data", reference: onnx.ModelProto | None = None):
+        self.arrays, self.source, self.reference = arrays, source, reference
         self._split: dict[tuple[str, ...], tuple[dict, np.ndarray]] = {}
         self.evaluations = 0
+        self.agreement = "y" not in arrays
 
     def __call__(self, graph: onnx.ModelProto, label: str = "candidate") -> float:
         runner = Runner(graph, label)
@@ -149,7 +152,9 @@ class Evaluator:
         if names not in self._split:
             feeds, labels = split_data(self.arrays, runner, self.source)
             if labels is None:
-                raise ModelSqueezeError(f"{self.source}: no `y` labels, so no accuracy")
+                if self.reference is None:
+                    raise ModelSqueezeError(f"{self.source}: no `y` labels, so no accuracy")
+                labels = predictions(Runner(self.reference, "reference").run(feeds)[0])
             self._split[names] = (feeds, labels)
         feeds, labels = self._split[names]
         self.evaluations += 1
@@ -220,8 +225,8 @@ def sensitivity(
     base = check_options(spec, base_options)
     grid = grid_values(spec, values, base)
     infos = layers_to_vary(model, selection)
-    evaluate = evaluator or Evaluator(arrays, source)
     records = dict(records)
+    evaluate = evaluator or Evaluator(arrays, source, reference=rendered(model, records.values()))
     baseline_accuracy = evaluate(rendered(model, records.values()), "baseline")
     acc: dict[str, dict[float, float]] = {}
     size: dict[str, dict[float, int]] = {}
@@ -391,8 +396,8 @@ def search(
     grid = grid_values(spec, values, base)
     infos = layers_to_vary(model, selection)
     keys = [info.key for info in infos]
-    evaluate = Evaluator(arrays, source)
     records = dict(records)
+    evaluate = Evaluator(arrays, source, reference=rendered(model, records.values()))
     baseline_accuracy = evaluate(rendered(model, records.values()), "baseline")
     if baseline_bytes is None:
         baseline_bytes = _size(model, records)

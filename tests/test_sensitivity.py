@@ -303,12 +303,19 @@ def test_cli_refuses_an_existing_recipe_without_force(wide, tmp_path):
     assert load_recipe(recipe).steps[0].command == "prune"
 
 
-def test_cli_needs_labels(wide, tmp_path):
-    path, _ = wide
+def test_unlabelled_data_scores_agreement_with_the_original(wide, tmp_path):
+    """Without `y`, the metric is top-1 agreement with the model's own predictions: the baseline is
+    exactly 100%, and a layer pruned away entirely agrees less."""
+    path, data = wide
     unlabelled = tmp_path / "x.npz"
-    np.savez(unlabelled, x=np.zeros((4, 16), np.float32))
-    result = invoke(path, "-d", unlabelled, "-m", "prune")
-    assert result.exit_code == 2 and "no `y` labels" in result.stderr
+    np.savez(unlabelled, x=np.load(data)["x"])
+    result = invoke(path, "-d", unlabelled, "-m", "prune", "--values", "0,0.99", "--json", "--quiet")
+    assert result.exit_code == 0, result.output + result.stderr
+    table = json.loads(result.stdout)
+    assert table["baseline_accuracy"] == 1.0
+    points = [{p["value"]: p["accuracy"] for p in layer["points"]} for layer in table["layers"]]
+    assert all(p[0] == 1.0 for p in points)
+    assert min(p[0.99] for p in points) < 1.0
 
 
 def test_help_shows_examples():
