@@ -145,7 +145,7 @@ def sensitivity_command(
         found = engine.search(pair.model, pair.records, arrays, spec.command, target, grid, base, then_steps,
                               selection, advance, str(data), table=table, baseline_bytes=baseline_bytes,
                               on_accept=accepted)
-    _report_search(found, table, model, data, recipe, plot, frontier_plot, max_drop, as_json, quiet)
+    _report_search(found, table, model, data, recipe, plot, frontier_plot, max_drop, as_json, quiet, arrays)
 
 
 # --- option parsing ----------------------------------------------------------------------------
@@ -225,6 +225,12 @@ def _write_recipe(path: Path, recipe: Recipe, comment: str) -> None:
     atomic_write_bytes(path, dump_recipe(recipe, path.parent, comment).encode())
 
 
+def _validation(arrays: dict, data: Path, max_drop: float) -> dict:
+    """What the recipe's `validate`/`max_drop` should be: the data when it is labelled; unlabelled
+    calibration data cannot validate a `run` (give the test set with --validate there)."""
+    return {"validate": data, "max_drop": max_drop} if "y" in arrays else {}
+
+
 def _measure_steps(pair, arrays, steps: list[Step], source: str) -> tuple[int, float]:
     """(packed bytes, accuracy) of the pair the steps would write."""
     final, records, _ = run_steps(pair.model, pair.records, steps, size_last=False)
@@ -266,7 +272,7 @@ def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, 
     combined = None
     if chosen or then_steps:
         recipe = engine.recipe_for(result.method, chosen, result.base_options, then_steps, input=model,
-                                   validate=data, max_drop=max_drop)
+                                   **_validation(arrays, data, max_drop))
         size, acc = _measure_steps(pair, arrays, list(recipe.steps), str(data))
         combined = {"packed_bytes": size, "ratio": baseline_bytes / size, "accuracy": acc,
                     "drop_pp": 100 * (result.baseline_accuracy - acc), "steps": describe(recipe.steps)}
@@ -342,7 +348,7 @@ def _frontier_table(found: engine.SearchResult, max_drop: float, title: str) -> 
 
 
 def _report_search(found: engine.SearchResult, table, model, data, recipe_path, plot, frontier_plot, max_drop,
-                   as_json, quiet) -> None:
+                   as_json, quiet, arrays) -> None:
     b, a = found.baseline_bytes, found.baseline_accuracy
     chosen = found.chosen
     failure = None
@@ -358,11 +364,13 @@ def _report_search(found: engine.SearchResult, table, model, data, recipe_path, 
                    f"--max-drop {max_drop:g}; no recipe written")
     if recipe_path is not None and failure is None:
         recipe = engine.recipe_for(found.method, chosen.settings, found.base_options, found.then, input=model,
-                                   validate=data, max_drop=max_drop)
+                                   **_validation(arrays, data, max_drop))
         _write_recipe(recipe_path, recipe, f"written by `modelsqueeze sensitivity --method {found.method}` searching "
                       f"{found.target_bytes:,} B: {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x), "
-                      f"accuracy {_pct(chosen.accuracy)} (baseline {_pct(a)}); run it with "
-                      f"`modelsqueeze run {recipe_path.name} -o SMALL.onnx`")
+                      f"{'accuracy' if 'y' in arrays else 'top-1 agreement with the original'} on {data.name} "
+                      f"{_pct(chosen.accuracy)} (baseline {_pct(a)}); run it with "
+                      f"`modelsqueeze run {recipe_path.name} -o SMALL.onnx"
+                      + ("`" if "y" in arrays else " --validate TEST.npz --max-drop PP`"))
     from_plots = []
     if plot is not None and table is not None:
         from modelsqueeze import plots
