@@ -240,6 +240,20 @@ def test_cli_search_writes_the_chosen_recipe_and_frontier_plot(wide, tmp_path):
     assert text.exit_code == 0 and "frontier" in text.stdout and "chosen" in text.stdout
 
 
+def test_a_recipe_searched_on_unlabelled_data_runs_and_validates_on_labelled_data(wide, tmp_path):
+    path, data = wide
+    unlabelled, recipe = tmp_path / "calib.npz", tmp_path / "r.toml"
+    np.savez(unlabelled, x=np.load(data)["x"])
+    result = invoke(path, "-d", unlabelled, "-m", "cluster", "--values", "8,5,3", "--then", "huffman",
+                    "--target-bytes", "7000", "--max-drop", "100", "--recipe", recipe, "--quiet")
+    assert result.exit_code == 0, result.output + result.stderr
+    loaded = load_recipe(recipe)
+    assert loaded.validate is None and loaded.max_drop is None  # unlabelled data cannot validate a run
+    assert "agreement" in recipe.read_text()
+    done = runner.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "s.onnx"), "--validate", str(data), "--quiet"])
+    assert done.exit_code == 0, done.output + done.stderr
+
+
 def test_cli_unreachable_target_exits_1_and_writes_no_recipe(wide, tmp_path):
     path, data = wide
     recipe = tmp_path / "r.toml"
