@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install test demo sample-models bench clean
+.PHONY: install test demo lenet5 lenet300 recipes search gate sample-models bench clean
+MSQ := $(BIN)/modelsqueeze
 
 install: $(VENV)/.installed
 
@@ -19,16 +20,57 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
-demo: install
-	@mkdir -p $(OUT)
-	$(BIN)/modelsqueeze prune sample_models/lenet5.onnx -o $(OUT)/lenet5_pruned.onnx --force \
-	  --sparsity 0.8 --scope global --validate sample_models/lenet5.npz --max-drop 2
-	$(BIN)/modelsqueeze cluster $(OUT)/lenet5_pruned.onnx -o $(OUT)/lenet5_shared.onnx --force \
-	  --bits 4 --validate sample_models/lenet5.npz --max-drop 1
-	$(BIN)/modelsqueeze report $(OUT)/lenet5_shared.onnx --baseline sample_models/lenet5.onnx \
-	  --data sample_models/lenet5.npz --max-drop 1 --min-ratio 15
+# The main job on a sample model, one step per shell command as a user's Makefile would do it:
+# LeNet-5 pruned per layer, weight-shared at 3 bits and Huffman-coded, then gated on ratio and accuracy.
+demo: lenet5
 	@for m in lenet300 lenet5 lstm_digits tiny_transformer; do \
-	  $(BIN)/modelsqueeze eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
+	  $(MSQ) eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
+
+lenet5: install
+	@mkdir -p $(OUT)
+	$(MSQ) prune sample_models/lenet5.onnx -o $(OUT)/lenet5_pruned.onnx --force \
+	  --sparsity 'conv2*=0.5,fc1*=0.92,fc2*=0.3' --validate sample_models/lenet5.npz --max-drop 2
+	$(MSQ) cluster $(OUT)/lenet5_pruned.onnx -o $(OUT)/lenet5_shared.onnx --force \
+	  --bits 3 --validate sample_models/lenet5.npz --max-drop 1
+	$(MSQ) huffman $(OUT)/lenet5_shared.onnx -o $(OUT)/lenet5_coded.onnx --force
+	$(MSQ) report $(OUT)/lenet5_coded.onnx --baseline sample_models/lenet5.onnx \
+	  --data sample_models/lenet5.npz --max-drop 1 --min-ratio 35
+
+lenet300: install
+	@mkdir -p $(OUT)
+	$(MSQ) prune sample_models/lenet300.onnx -o $(OUT)/lenet300_pruned.onnx --force \
+	  --sparsity 'fc1*=0.7' --validate sample_models/lenet300.npz --max-drop 2
+	$(MSQ) cluster $(OUT)/lenet300_pruned.onnx -o $(OUT)/lenet300_shared.onnx --force \
+	  --bits 3 --validate sample_models/lenet300.npz --max-drop 1
+	$(MSQ) huffman $(OUT)/lenet300_shared.onnx -o $(OUT)/lenet300_coded.onnx --force
+	$(MSQ) report $(OUT)/lenet300_coded.onnx --baseline sample_models/lenet300.onnx \
+	  --data sample_models/lenet300.npz --max-drop 1 --min-ratio 17
+
+# The same compressions as TOML recipes (byte-identical results to the step-by-step targets).
+recipes: install
+	@mkdir -p $(OUT)
+	$(MSQ) run recipes/lenet5.toml --force
+	$(MSQ) run recipes/lenet300.toml --force
+
+# How the recipes' per-layer settings were found: a size-targeted search on the unlabelled
+# calibration images (agreement with the original model), pictures included.
+search: install
+	@mkdir -p $(OUT)
+	$(MSQ) sensitivity sample_models/lenet5.onnx --data sample_models/lenet5_calib.npz --method prune \
+	  --values 0,0.3,0.5,0.6,0.7,0.75,0.8,0.85,0.88,0.9,0.92,0.94,0.96 --then 'cluster bits=3' --then huffman \
+	  --target-ratio 35 --max-drop 4 --recipe $(OUT)/lenet5_search.toml --plot $(OUT)/lenet5_sensitivity.png \
+	  --frontier-plot $(OUT)/lenet5_frontier.png --force
+	$(MSQ) sensitivity sample_models/lenet300.onnx --data sample_models/lenet300_calib.npz --method prune \
+	  --then 'cluster bits=3' --then huffman --target-ratio 16 --max-drop 3 --recipe $(OUT)/lenet300_search.toml \
+	  --plot $(OUT)/lenet300_sensitivity.png --frontier-plot $(OUT)/lenet300_frontier.png --force
+
+# The CI size gate (docs/CI.md) on our own sample: rebuild from the recipe, compare with the
+# committed report; fails if the packed size grew over 1% or accuracy fell over 0.5 points.
+gate: install
+	@mkdir -p $(OUT)
+	$(MSQ) run recipes/lenet5.toml --force --quiet > /dev/null
+	$(MSQ) report $(OUT)/lenet5_small.onnx --data sample_models/lenet5.npz \
+	  --baseline-json recipes/lenet5.size.json --max-growth 1% --max-drop 0.5 --quiet
 
 # Retrain the sample models (needs torch, installed from the local wheel by the `train` extra).
 sample-models: install
