@@ -318,3 +318,12 @@ def test_bad_bits(bits):
 def test_empty_bits_rule():
     with pytest.raises(ModelSqueezeError, match="no value"):
         QuantizeConfig(bits=LayerRule())
+
+
+def test_cli_takes_per_layer_bits(tmp_path):
+    from modelsqueeze.pack import load_pair
+
+    out = tmp_path / "mixed.onnx"
+    cli("quantize", SAMPLES / "lenet300.onnx", out, "--bits", "fc1*=3,fc3*=8,4")
+    records = load_pair(out).records
+    assert {k: r.index_bits for k, r in records.items()} == {"fc1.weight": 3, "fc2.weight": 4, "fc3.weight": 8}
