@@ -87,6 +87,26 @@ class Recipe:
     max_drop: float | None = None
     version: int = RECIPE_VERSION
 
+    def __post_init__(self) -> None:
+        # A recipe that could not be read back is refused before anything is written (pipeline
+        # --dry-run and --save-recipe build one from flags).
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
+                                          or not math.isfinite(self.max_drop) or self.max_drop < 0):
+            raise ModelSqueezeError(f"--max-drop {self.max_drop}: expected a finite number of percentage points, 0 or more")
+        for key in ("input", "output", "validate"):
+            value = getattr(self, key)
+            if value is not None:
+                check_path_text(str(value), key)
+
+
+def check_path_text(text: str, key: str) -> None:
+    """Refuse a path no TOML recipe can hold (and no file system opens): a NUL character, or bytes
+    that are not UTF-8 (Python carries them as lone surrogates)."""
+    if "\0" in text:
+        raise ModelSqueezeError(f"{key}: {text!r} contains a NUL character")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ModelSqueezeError(f"{key}: {text!r} is not valid UTF-8, so a TOML recipe cannot name it; rename the file")
+
 
 # --- options -> config ------------------------------------------------------------------------
 
@@ -175,10 +195,14 @@ def make_step(command: str, options: dict[str, Any]) -> Step:
     known = _fields(cls)
     values: dict[str, Any] = {}
     selection: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for name, value in options.items():
         key = _key(name)
+        if key in spelled:
+            raise ModelSqueezeError(f"option {name!r} is given twice (also as {spelled[key]!r})")
+        spelled[key] = name
         if key == "version":
-            if value != cls.version:
+            if isinstance(value, bool) or value != cls.version:
                 raise ModelSqueezeError(f"version = {value!r}: this modelsqueeze reads {command} options version {cls.version}")
             continue
         if key not in known:
@@ -219,7 +243,10 @@ def step_options(step: Step) -> dict[str, Any]:
             if not value.overrides:
                 value = _number(value.default)
             else:
-                table = {glob: _number(v) for glob, v in value.overrides}
+                table = {}
+                for glob, v in value.overrides:  # the first matching glob wins: a repeated one never applies
+                    # a glob spelled `default` matches a tensor named so; the key `default` means the rest
+                    table.setdefault("[d]efault" if glob == "default" else glob, _number(v))
                 if value.default is not None:
                     table["default"] = _number(value.default)
                 value = table
@@ -242,7 +269,7 @@ def _line_of(text: str, step_index: int | None, key: str | None) -> int:
     elif step_index is None and headers:
         end = headers[0]
     if key is not None:
-        pattern = re.compile(rf"""\s*(\[\s*step\.)?["']?{re.escape(key)}["']?\s*(=|\])""")
+        pattern = re.compile(rf"""\s*(\[\[?\s*step\.)?["']?{re.escape(key)}["']?\s*(=|\])""")
         for i in range(start, end):
             if pattern.match(lines[i]):
                 return i + 1
@@ -254,6 +281,7 @@ def _line_of(text: str, step_index: int | None, key: str | None) -> int:
 def _path(value: Any, key: str, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise ModelSqueezeError(f"{key}: expected a file path string")
+    check_path_text(value, key)
     return base / value
 
 
@@ -275,7 +303,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
             raise fail(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                  f"; a recipe has {', '.join(TOP_KEYS)}"), None, key)
     version = data.get("version", RECIPE_VERSION)
-    if version != RECIPE_VERSION:
+    if isinstance(version, bool) or version != RECIPE_VERSION:
         raise fail(f"recipe version {version!r}: this modelsqueeze reads version {RECIPE_VERSION}", None, "version")
     paths = {}
     for key in ("input", "output", "validate"):
@@ -300,6 +328,8 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
         label = f"step {index + 1}"
         if command is None:
             raise fail(f"{label}: no command = \"...\" (one of {', '.join(COMMANDS)})", index)
+        if not isinstance(command, str):
+            raise fail(f"{label}: command = {command!r}: expected a string, one of {', '.join(COMMANDS)}", index, "command")
         if command not in COMMANDS:
             close = difflib.get_close_matches(str(command), COMMANDS, n=1)
             raise fail(f"{label}: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else
@@ -311,7 +341,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
             key = next((k for k in options if re.search(rf"\b{re.escape(_key(k))}\b|'{re.escape(k)}'|--{re.escape(k.replace('_', '-'))}\b", message)), None)
             raise fail(f"{label} ({command}): {message}", index, key) from None
     return Recipe(tuple(steps), paths.get("input"), paths.get("output"), paths.get("validate"),
-                  float(max_drop) if max_drop is not None else None, version)
+                  float(max_drop) if max_drop is not None else None, RECIPE_VERSION)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -326,12 +356,25 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"{path}: not a TOML recipe (not UTF-8 text)") from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-    return parse_recipe(text, str(path), path.parent)
+    recipe = parse_recipe(text, str(path), path.parent)
+    if recipe.output is not None and path.resolve() in (recipe.output.resolve(), recipe.output.with_suffix(".msq").resolve()):
+        raise RecipeError(f"{path}:{_line_of(text, None, 'output')}: output {recipe.output} is this recipe file "
+                          f"(or its sidecar): writing it would destroy the recipe")
+    return recipe
+
+
+def _toml_char(c: str) -> str:
+    if c.isprintable():
+        return c
+    code = ord(c)
+    if 0xD800 <= code <= 0xDFFF:  # a byte that was not UTF-8 (surrogateescape): TOML has no escape for it
+        raise ModelSqueezeError("a recipe value holds bytes that are not UTF-8 text, which TOML cannot store")
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _toml_string(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'
+    return '"' + "".join(_toml_char(c) for c in escaped) + '"'
 
 
 def _toml_value(value: Any) -> str:
@@ -371,10 +414,38 @@ def dump_recipe(recipe: Recipe, base: Path = Path("."), comment: str = "") -> st
     return "\n".join(lines) + "\n"
 
 
+def _split_spec(text: str) -> list[str]:
+    """`text` split at whitespace outside quotes, brackets and braces, so `bits="fc1*=4, 3"` and
+    `layers=["fc1*", "fc2*"]` stay one word each (the quotes are kept: the value is TOML)."""
+    parts, word, quote, depth, escaped = [], "", None, 0, False
+    for c in text:
+        if quote is not None:
+            word += c
+            if escaped:
+                escaped = False
+            elif c == "\\" and quote == '"':
+                escaped = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            word, quote = word + c, c
+        elif c.isspace() and depth == 0:
+            if word:
+                parts.append(word)
+            word = ""
+        else:
+            depth += (c in "[{") - (c in "]}")
+            depth = max(depth, 0)
+            word += c
+    if quote is not None:
+        raise ModelSqueezeError(f"step {text!r}: unclosed {quote} quote")
+    return parts + ([word] if word else [])
+
+
 def parse_step_spec(text: str) -> Step:
     """A step from one line of text, `COMMAND key=value ...` (values in TOML syntax; a bare word that
     is not TOML is taken as a string), e.g. `cluster bits=5 init=linear` or `prune sparsity='fc1*=0.9,0.8'`."""
-    parts = text.split()
+    parts = _split_spec(text)
     if not parts:
         raise ModelSqueezeError("empty step: expected COMMAND key=value ..., e.g. 'cluster bits=5'")
     command, options = parts[0], {}
@@ -382,6 +453,8 @@ def parse_step_spec(text: str) -> Step:
         key, sep, value = part.partition("=")
         if not sep or not key:
             raise ModelSqueezeError(f"step {text!r}: {part!r} is not key=value")
+        if key in options:
+            raise ModelSqueezeError(f"step {text!r}: {key!r} is given twice")
         try:
             options[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -1,0 +1,140 @@
+"""Edge cases of recipes, pipeline/run, sensitivity, the report gate and plots that a demanding
+user hits: odd TOML, recipes that would not read back, duplicate options, outputs that would
+destroy the recipe, folders that take no files, settings that make a model bigger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import modelsqueeze.cli_sensitivity  # noqa: F401  (registers the sensitivity command)
+from modelsqueeze.cli import app
+from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.recipe import Recipe, RecipeError, dump_recipe, load_recipe, make_step, parse_recipe, parse_step_spec
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def refused(*args, code: int = 2) -> str:
+    """The one stderr line of a refusal with exit `code` (no traceback)."""
+    result = invoke(*args)
+    assert result.exit_code == code, result.output + result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+RECIPE = 'input = "mlp.onnx"\noutput = "out.onnx"\n'
+
+
+# --- recipe parsing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('version = true\n[[step]]\ncommand = "huffman"\n', "recipe version True"),
+    ('[[step]]\ncommand = "prune"\nsparsity = 0.5\nversion = true\n', "version = True"),
+    ('[[step]]\ncommand = ["prune"]\nsparsity = 0.5\n', "expected a string"),
+    ('[[step]]\ncommand = { a = 1 }\n', "expected a string"),
+    ('[[step]]\ncommand = "prune"\nsparsity = 0.5\nmin-params = 1\nmin_params = 2\n', "given twice"),
+    ('output = "\\u0000x.onnx"\n[[step]]\ncommand = "huffman"\n', "NUL"),
+])
+def test_bad_recipes_are_one_recipe_error(text, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        parse_recipe(text, "r.toml")
+    assert str(info.value).startswith("r.toml:")
+
+
+def test_a_command_that_is_not_a_string_is_exit_2_in_run(tmp_path, mlp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE + '[[step]]\ncommand = ["prune"]\nsparsity = 0.5\n')
+    before = files(tmp_path)
+    assert "r.toml:4: step 1: command" in refused("run", recipe)
+    assert files(tmp_path) == before
+
+
+def test_an_output_that_is_the_recipe_itself_is_refused_even_with_force(tmp_path, mlp_path):
+    recipe = tmp_path / "r.toml"
+    text = 'input = "mlp.onnx"\noutput = "r.toml"\n[[step]]\ncommand = "prune"\nsparsity = 0.5\n'
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match="r.toml:2: output .* is this recipe file"):
+        load_recipe(recipe)
+    assert "is this recipe file" in refused("run", recipe, "--force")
+    assert recipe.read_text() == text and not (tmp_path / "r.msq").exists()
+    # a recipe named like the output's sidecar would be overwritten by it
+    sidecar = tmp_path / "out.msq"
+    sidecar.write_text(RECIPE + '[[step]]\ncommand = "huffman"\n')
+    with pytest.raises(RecipeError, match="is this recipe file"):
+        load_recipe(sidecar)
+
+
+# --- steps from text ------------------------------------------------------------------------------
+
+def test_step_spec_keeps_quoted_spaces_and_arrays_together():
+    step = parse_step_spec('cluster bits="fc1*=4, 3" layers=["fc1*", "fc2*"]')
+    assert step.config.bits.overrides == (("fc1*", 4.0),) and step.config.bits.default == 3.0
+    assert step.config.selection.layers == ("fc1*", "fc2*")
+    assert parse_step_spec("prune sparsity='fc1*=0.9,0.8'").config.sparsity.default == 0.8
+    with pytest.raises(ModelSqueezeError, match="unclosed"):
+        parse_step_spec('cluster bits="4')
+
+
+@pytest.mark.parametrize("spec", ["cluster bits=4 bits=5", "cluster bits=4 min-params=1 min_params=5"])
+def test_step_spec_refuses_an_option_given_twice(spec):
+    with pytest.raises(ModelSqueezeError, match="given twice"):
+        parse_step_spec(spec)
+
+
+# --- recipes written read back as what ran --------------------------------------------------------
+
+def test_a_repeated_glob_is_written_with_the_value_that_applies():
+    step = make_step("prune", {"sparsity": "fc1*=0.5,fc1*=0.9,0.1"})
+    back = parse_recipe(dump_recipe(Recipe((step,))))
+    rule = back.steps[0].config.sparsity
+    assert rule.overrides == (("fc1*", 0.5),) and rule.default == 0.1  # the first match wins, as it ran
+
+
+def test_a_glob_spelled_default_stays_a_glob(mlp):
+    step = make_step("cluster", {"bits": "default=3"})  # a tensor named `default`, not the rest
+    back = parse_recipe(dump_recipe(Recipe((step,)))).steps[0]
+    assert back.config.bits.default is None and back.config.bits.overrides == (("[d]efault", 3.0),)
+    # and it changes the same tensors as the step that was dumped (here: none of the MLP's)
+    assert step.apply(mlp, {}).changed == back.apply(mlp, {}).changed == []
+
+
+def test_non_bmp_control_characters_read_back():
+    glob = "\U000e0001fc*"  # not printable, beyond U+FFFF: needs \U, not \u
+    step = make_step("prune", {"sparsity": 0.5, "layers": [glob]})
+    assert parse_recipe(dump_recipe(Recipe((step,)))).steps[0].config.selection.layers == (glob,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_drop": float("nan")}, "--max-drop nan"),
+    ({"max_drop": -1.0}, "--max-drop -1"),
+    ({"input": Path("bad\udcff.onnx")}, "not valid UTF-8"),
+])
+def test_a_recipe_that_could_not_be_read_back_is_refused(kwargs, message):
+    with pytest.raises(ModelSqueezeError, match=message):
+        Recipe((make_step("huffman", {}),), **kwargs)
+
+
+def test_dry_run_refuses_a_max_drop_the_recipe_could_not_hold(mlp_path):
+    assert "--max-drop nan" in refused("pipeline", mlp_path, "-o", "x.onnx", "--prune", "0.5", "--max-drop", "nan", "--dry-run")
+
+
+def test_save_recipe_refuses_a_model_path_toml_cannot_name_before_writing(tmp_path, mlp_path):
+    model = tmp_path / "bad\udcff.onnx"
+    model.write_bytes(mlp_path.read_bytes())
+    before = files(tmp_path)
+    assert "not valid UTF-8" in refused("pipeline", model, "-o", tmp_path / "out.onnx", "--prune", "0.5",
+                                        "--save-recipe", tmp_path / "r.toml")
+    assert files(tmp_path) == before
