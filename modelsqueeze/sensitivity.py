@@ -247,11 +247,13 @@ def sensitivity(
 
 
 def best_settings(result: SensitivityResult, max_drop_pp: float) -> dict[str, int | float]:
-    """Per layer, the most aggressive value whose drop (on its own) is at most `max_drop_pp`;
-    a layer with no such value is left out (left alone)."""
+    """Per layer, the most aggressive value whose drop (on its own) is at most `max_drop_pp` and
+    that makes the pair smaller than the input; a layer with no such value is left out (left
+    alone): svd on a layer it cannot factor, or pruning a tiny bias, only adds sidecar bytes."""
     chosen = {}
     for key, _ in result.layers:
-        passing = [v for v in result.values if result.drop_pp(key, v) <= max_drop_pp + 1e-9]
+        passing = [v for v in result.values if result.drop_pp(key, v) <= max_drop_pp + 1e-9
+                   and result.bytes[key][v] < result.baseline_bytes]
         if passing:
             chosen[key] = passing[-1]
     return chosen

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import modelsqueeze.cli_sensitivity  # noqa: F401  (registers the sensitivity command)
+from modelsqueeze import sensitivity as S
 from modelsqueeze.cli import app
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.recipe import Recipe, RecipeError, dump_recipe, load_recipe, make_step, parse_recipe, parse_step_spec
@@ -138,3 +139,18 @@ def test_save_recipe_refuses_a_model_path_toml_cannot_name_before_writing(tmp_pa
     assert "not valid UTF-8" in refused("pipeline", model, "-o", tmp_path / "out.onnx", "--prune", "0.5",
                                         "--save-recipe", tmp_path / "r.toml")
     assert files(tmp_path) == before
+
+
+# --- sensitivity ----------------------------------------------------------------------------------
+
+def test_best_settings_leave_alone_a_layer_no_setting_makes_smaller():
+    values = [0.9, 0.5]
+    result = S.SensitivityResult(
+        method="svd", setting="energy", values=values, layers=[("lstm", 10), ("fc", 10), ("bias", 10)],
+        baseline_accuracy=0.9, baseline_bytes=1000,
+        accuracy={k: {0.9: 0.9, 0.5: 0.9} for k in ("lstm", "fc", "bias")},
+        bytes={"lstm": {0.9: 1064, 0.5: 1064},  # cannot be factored: only a sidecar is added
+               "fc": {0.9: 900, 0.5: 800},
+               "bias": {0.9: 1000, 0.5: 990}},  # the gentle value saves nothing, the aggressive one does
+    )
+    assert S.best_settings(result, 1.0) == {"fc": 0.5, "bias": 0.5}
