@@ -37,7 +37,7 @@ from modelsqueeze.model import atomic_write_bytes, check_output
 from modelsqueeze.pack import load_pair, packed_bytes, packed_size, rendered
 from modelsqueeze.passes import Selection
 from modelsqueeze.pipeline import describe, run_steps
-from modelsqueeze.recipe import Recipe, Step, dump_recipe, parse_step_spec
+from modelsqueeze.recipe import Recipe, Step, check_path_text, dump_recipe, parse_step_spec
 from modelsqueeze.validate import load_npz
 
 EPILOG = (
@@ -105,6 +105,11 @@ def sensitivity_command(
         if recipe.suffix != ".toml":
             raise ModelSqueezeError(f"{recipe}: a recipe file should end in .toml")
         check_output(recipe, force, [model, data])
+        for key, path in (("input", model), ("validate", data)):  # what the recipe will name
+            check_path_text(str(path), key)
+        from modelsqueeze.plots import check_writable_folder
+
+        check_writable_folder(recipe)
     plots = [p for p in (plot, frontier_plot) if p is not None]
     if len(set(p.resolve() for p in plots + ([recipe] if recipe else []))) < len(plots) + (recipe is not None):
         raise ModelSqueezeError("--recipe, --plot and --frontier-plot must be different files")
@@ -184,6 +189,8 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ModelSqueezeError(f"--option {item!r}: expected KEY=VALUE, e.g. init=density")
+        if key.replace("-", "_") in (k.replace("-", "_") for k in options):
+            raise ModelSqueezeError(f"--option {item!r}: {key} is given twice")
         try:
             options[key] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:
@@ -222,7 +229,19 @@ def _settings_text(settings: dict, setting: str) -> str:
 
 
 def _write_recipe(path: Path, recipe: Recipe, comment: str) -> None:
-    atomic_write_bytes(path, dump_recipe(recipe, path.parent, comment).encode())
+    text = dump_recipe(recipe, path.parent, comment)
+    try:
+        atomic_write_bytes(path, text.encode())
+    except OSError as exc:
+        raise ModelSqueezeError(f"{path}: cannot write the recipe ({exc.strerror or exc})") from None
+
+
+def _draw(path: Path, plot_function, *args) -> None:
+    """Draw a plot to `path`; a file system that refuses it (full disk, ...) is one error line, exit 2."""
+    try:
+        plot_function(*args)
+    except OSError as exc:
+        raise ModelSqueezeError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
 
 
 def _validation(arrays: dict, data: Path, max_drop: float) -> dict:
@@ -287,7 +306,7 @@ def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, 
         from modelsqueeze import plots
 
         curves = {key: [(v, result.accuracy[key][v]) for v in result.values] for key, _ in result.layers}
-        plots.plot_sensitivity(curves, result.setting, plot, result.baseline_accuracy, max_drop,
+        _draw(plot, plots.plot_sensitivity, curves, result.setting, plot, result.baseline_accuracy, max_drop,
                                f"{model.name}: per-layer sensitivity to {result.method} {result.setting}")
     if as_json:
         _print_json({"model": str(model), "data": str(data), **result.to_dict(), "max_drop_pp": max_drop,
@@ -357,7 +376,7 @@ def _report_search(found: engine.SearchResult, table, model, data, recipe_path, 
         failure = (f"target {found.target_bytes:,} B ({b / found.target_bytes:.2f}x) cannot be reached with "
                    f"{found.method} {found.setting} on the selected layers" + (f" then {describe(found.then)}" if found.then else "")
                    + f": the most aggressive point found is {last.packed_bytes:,} B ({b / last.packed_bytes:.2f}x) at "
-                   f"{_pct(last.accuracy)}; nothing written")
+                   f"{_pct(last.accuracy)}; no recipe written")
     elif _exceeds(100 * (a - chosen.accuracy), max_drop):
         failure = (f"target {found.target_bytes:,} B reached at {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x) but "
                    f"accuracy fell {100 * (a - chosen.accuracy):.2f} pp ({_pct(a)} -> {_pct(chosen.accuracy)}), more than "
@@ -376,13 +395,13 @@ def _report_search(found: engine.SearchResult, table, model, data, recipe_path, 
         from modelsqueeze import plots
 
         curves = {key: [(v, table.accuracy[key][v]) for v in table.values] for key, _ in table.layers}
-        plots.plot_sensitivity(curves, table.setting, plot, table.baseline_accuracy, max_drop,
+        _draw(plot, plots.plot_sensitivity, curves, table.setting, plot, table.baseline_accuracy, max_drop,
                                f"{model.name}: per-layer sensitivity to {table.method} {table.setting}")
         from_plots.append((plot, "plot"))
     if frontier_plot is not None:
         from modelsqueeze import plots
 
-        plots.plot_frontier([(p.packed_bytes, p.accuracy) for p in found.frontier], frontier_plot, b, a,
+        _draw(frontier_plot, plots.plot_frontier, [(p.packed_bytes, p.accuracy) for p in found.frontier], frontier_plot, b, a,
                             (chosen.packed_bytes, chosen.accuracy) if chosen else None, found.target_bytes,
                             f"{model.name}: {found.method} {found.setting} per layer"
                             + (f" then {describe(found.then)}" if found.then else ""))

@@ -4,12 +4,14 @@ destroy the recipe, folders that take no files, settings that make a model bigge
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import modelsqueeze.cli_sensitivity  # noqa: F401  (registers the sensitivity command)
+from modelsqueeze import plots
 from modelsqueeze import sensitivity as S
 from modelsqueeze.cli import app
 from modelsqueeze.errors import ModelSqueezeError
@@ -154,3 +156,60 @@ def test_best_settings_leave_alone_a_layer_no_setting_makes_smaller():
                "bias": {0.9: 1000, 0.5: 990}},  # the gentle value saves nothing, the aggressive one does
     )
     assert S.best_settings(result, 1.0) == {"fc": 0.5, "bias": 0.5}
+
+
+# --- sensitivity command: options, folders that take no files, messages ----------------------------
+
+def test_sensitivity_option_given_twice(mlp_path, mlp_data):
+    assert "given twice" in refused("sensitivity", mlp_path, "-d", mlp_data, "-m", "cluster",
+                                    "--option", "seed=1", "--option", "seed=2")
+
+
+
+@pytest.fixture
+def unwritable(tmp_path, monkeypatch):
+    """A folder where creating a file fails (as a read-only folder does for a non-root user)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return folder
+
+
+def test_plot_into_a_folder_that_takes_no_files(unwritable, mlp_path):
+    with pytest.raises(ModelSqueezeError, match="cannot write in"):
+        plots.check_plot_path(unwritable / "p.png")
+    assert "cannot write in" in refused("report", mlp_path, "--plot", unwritable / "p.png")
+    assert files(unwritable) == set()
+
+
+def test_sensitivity_recipe_into_a_folder_that_takes_no_files(unwritable, mlp_path, mlp_data):
+    assert "cannot write in" in refused("sensitivity", mlp_path, "-d", mlp_data, "-m", "prune",
+                                        "--values", "0.5", "--recipe", unwritable / "r.toml")
+    assert files(unwritable) == set()
+
+
+def test_a_failing_plot_write_is_one_error(tmp_path, mlp_path, mlp_data, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    plot = tmp_path / "curves.png"
+    line = refused("sensitivity", mlp_path, "-d", mlp_data, "-m", "prune", "--values", "0.5", "--plot", plot)
+    assert "cannot write the plot (No space left on device)" in line and not plot.exists()
+
+
+def test_an_unreachable_target_does_not_claim_the_plot_was_not_written(tmp_path, mlp_path, mlp_data):
+    plot = tmp_path / "f.png"
+    line = refused("sensitivity", mlp_path, "-d", mlp_data, "-m", "prune", "--values", "0.5",
+                   "--target-bytes", "1", "--frontier-plot", plot, "--quiet", code=1)
+    assert "no recipe written" in line and "nothing written" not in line
+    assert plot.exists()
