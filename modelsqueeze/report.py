@@ -196,7 +196,7 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
 def load_previous(report: Report, path: Path) -> None:
     """Fill `previous_*` from a saved `report --json` (the committed size baseline of a CI gate)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte order mark from an editor is fine
     except FileNotFoundError:
         raise ModelSqueezeError(f"--baseline-json {path}: not found (make one with `modelsqueeze report MODEL --json > {path}`)") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -208,6 +208,8 @@ def load_previous(report: Report, path: Path) -> None:
     size = data.get("packed_bytes") if isinstance(data, dict) else None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ModelSqueezeError(f"--baseline-json {path}: no packed_bytes count in it (is it the output of `modelsqueeze report --json`?)")
+    if size == 0:  # growth over nothing is no percentage
+        raise ModelSqueezeError(f"--baseline-json {path}: packed_bytes is 0, which no model weighs")
     accuracy = data.get("accuracy")
     if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1):
         raise ModelSqueezeError(f"--baseline-json {path}: accuracy {accuracy!r} is not a fraction from 0 to 1")

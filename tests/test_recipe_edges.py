@@ -4,6 +4,7 @@ destroy the recipe, folders that take no files, settings that make a model bigge
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -213,3 +214,19 @@ def test_an_unreachable_target_does_not_claim_the_plot_was_not_written(tmp_path,
                    "--target-bytes", "1", "--frontier-plot", plot, "--quiet", code=1)
     assert "no recipe written" in line and "nothing written" not in line
     assert plot.exists()
+
+
+# --- report gate ----------------------------------------------------------------------------------
+
+def test_baseline_json_of_zero_bytes_is_bad_input(tmp_path, mlp_path):
+    size = tmp_path / "size.json"
+    size.write_text(json.dumps({"packed_bytes": 0}))
+    assert "packed_bytes is 0" in refused("report", mlp_path, "--baseline-json", size, "--max-growth", "1")
+
+
+def test_baseline_json_with_a_byte_order_mark_is_read(tmp_path, mlp_path):
+    size = tmp_path / "size.json"
+    size.write_bytes(b"\xef\xbb\xbf" + json.dumps({"packed_bytes": 10**9}).encode())
+    result = invoke("report", mlp_path, "--baseline-json", size, "--max-growth", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["previous_bytes"] == 10**9
