@@ -70,6 +70,10 @@ def handles_errors(command: Callable) -> Callable:
         except ModelSqueezeError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a write that fails midway (disk full, folder gone): one line, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -268,6 +272,7 @@ def report(
     baseline_json: Annotated[Optional[Path], typer.Option("--baseline-json", help="A saved `report --json` (e.g. committed as size.json): --max-growth and --max-drop compare with it.")] = None,
     max_growth: Annotated[Optional[str], typer.Option("--max-growth", help="Fail (exit 1) if the packed size grew more than this over --baseline-json, e.g. 1% or 0.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write per-layer weight histograms with codebook centroids / quantization grid marked (.png, .svg, .pdf; needs matplotlib).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --plot file.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-tensor and total sizes, sparsity, unique values, bits per weight, ratio and accuracy; CI gates."""
@@ -286,6 +291,7 @@ def report(
         from modelsqueeze import plots
 
         plots.check_plot_path(plot)
+        check_output(plot, force, [model, sidecar_path(model)] + ([baseline] if baseline else []))
         plots.require_matplotlib()
     pair = load_pair(model)
     result = build_report(pair, baseline)
@@ -324,6 +330,9 @@ LayersOpt = Annotated[list[str], typer.Option("--layers", help="Only tensors who
 ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Leave tensors matching this glob alone (repeatable).")]
 MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Leave tensors with fewer parameters alone.")]
 ValidateOpt = Annotated[Optional[Path], typer.Option("--validate", help="Labelled .npz: print accuracy before and after.")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", "-c", help="Inputs (.npz, labels not needed, e.g. a few thousand training samples): fit each layer to its original outputs, not only its weights.")]
+SequentialOpt = Annotated[bool, typer.Option("--sequential", help="With --calibration: fit each layer to the inputs the already-compressed layers before it produce.")]
+DampOpt = Annotated[float, typer.Option("--damp", help="With --calibration: ridge added to XᵀX, as a fraction of its mean diagonal.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="With --validate: exit 1, writing nothing, if accuracy falls by more than PP percentage points.")]
 
 
@@ -384,6 +393,11 @@ def _transform(
 def _given(**options) -> dict:
     """The options a command was given (None means 'not given': the config's default applies)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def _calibration(calibration: Optional[Path], sequential: bool, damp: float) -> dict:
+    _check_finite(damp=damp)
+    return {"calibration": str(calibration) if calibration is not None else None, "sequential": sequential, "damp": damp}
 
 
 def _selection(layers: list[str], exclude: list[str], min_params: int) -> dict:
@@ -459,6 +473,9 @@ def prune(
     norm: Annotated[str, typer.Option("--norm", help="l1|l2 norm for --structured.")] = "l2",
     shrink: Annotated[bool, typer.Option("--shrink", help="With --structured: delete the removed channels from the graph (and the next layer's inputs).")] = False,
     nm: Annotated[Optional[str], typer.Option("--nm", help="N:M sparsity, e.g. 2:4: keep the N largest of every M consecutive weights along the input axis.")] = None,
+    calibration: CalibrationOpt = None,
+    sequential: SequentialOpt = False,
+    damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
@@ -470,7 +487,8 @@ def prune(
 ) -> None:
     """Zero weights: magnitude (per layer or global), structured channels, or N:M; store survivors sparsely."""
     step = make_step("prune", _given(sparsity=sparsity, threshold=threshold, std_scale=std_scale, nm=nm, scope=scope,
-                                     structured=structured, norm=norm, shrink=shrink, **_selection(layers, exclude, min_params)))
+                                     structured=structured, norm=norm, shrink=shrink, **_calibration(calibration, sequential, damp),
+                                     **_selection(layers, exclude, min_params)))
     _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet)
 
 
@@ -487,6 +505,9 @@ def cluster(
     method: Annotated[str, typer.Option("--method", help="lloyd (fast) | optimal (exact 1-D dynamic programming, small tensors).")] = "lloyd",
     scope: Annotated[str, typer.Option("--scope", help="layer: a codebook per tensor; shared: one codebook for all selected tensors.")] = "layer",
     seed: Annotated[int, typer.Option("--seed", help="Seed for kmeans++ initialisation.")] = 0,
+    calibration: CalibrationOpt = None,
+    sequential: SequentialOpt = False,
+    damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
@@ -498,7 +519,7 @@ def cluster(
 ) -> None:
     """k-means weight sharing: a codebook of K values per tensor and bit-packed indices; zeros stay zero."""
     step = make_step("cluster", _given(bits=bits, clusters=clusters, init=init, method=method, scope=scope, seed=seed,
-                                       **_selection(layers, exclude, min_params)))
+                                       **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
     _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet)
 
 
@@ -516,6 +537,9 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", help="Weights per block for --granularity block (32, 64, 128, ...).")] = 32,
     range_method: Annotated[str, typer.Option("--range", help="minmax | mse (clipping that minimises squared error) | percentile.")] = "minmax",
     percentile: Annotated[float, typer.Option("--percentile", help="With --range percentile: clip |w| at this percentile.")] = 99.99,
+    calibration: CalibrationOpt = None,
+    sequential: SequentialOpt = False,
+    damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
@@ -529,7 +553,7 @@ def quantize(
     _check_finite(percentile=percentile)
     step = make_step("quantize", _given(bits=bits, signed=signed, symmetric=symmetric, granularity=granularity,
                                         block_size=block_size, range=range_method, percentile=percentile,
-                                        **_selection(layers, exclude, min_params)))
+                                        **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
     _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet)
 
 
@@ -566,6 +590,9 @@ def svd(
     ratio: Annotated[Optional[str], typer.Option("--ratio", help="Each layer's factors hold at most this fraction of its parameters, e.g. 0.25.")] = None,
     max_error: Annotated[Optional[str], typer.Option("--max-error", help="Smallest rank whose relative Frobenius error is at most this, e.g. 0.2.")] = None,
     target_params: Annotated[Optional[int], typer.Option("--target-params", help="Choose ranks across layers so the model has at most this many parameters.")] = None,
+    calibration: CalibrationOpt = None,
+    sequential: SequentialOpt = False,
+    damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
@@ -576,8 +603,8 @@ def svd(
     quiet: QuietOpt = False,
 ) -> None:
     """Low-rank factorization of MatMul/Gemm weights (two MatMuls) and Conv weights (k×k conv to r channels + 1×1 conv)."""
-    step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error,
-                                   target_params=target_params, **_selection(layers, exclude, min_params)))
+    step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error, target_params=target_params,
+                                   **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
     _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet)
 
 
@@ -589,11 +616,16 @@ def _save_recipe(recipe: Recipe, path: Path, force: bool, comment: str) -> None:
     atomic_write_bytes(path, dump_recipe(recipe, path.parent, comment).encode())
 
 
-def _check_recipe_target(path: Optional[Path], force: bool) -> None:
-    if path is not None:
-        if path.suffix != ".toml":
-            raise ModelSqueezeError(f"{path}: a recipe file should end in .toml")
-        check_output(path, force)
+def _check_recipe_target(path: Optional[Path], force: bool, model: Path, output: Path, validate: Optional[Path]) -> None:
+    """--save-recipe must not land on any file the command reads or writes."""
+    if path is None:
+        return
+    if path.suffix != ".toml":
+        raise ModelSqueezeError(f"{path}: a recipe file should end in .toml")
+    taken = [output, sidecar_path(output), model, sidecar_path(model)] + ([validate] if validate else [])
+    if any(path.resolve() == Path(other).resolve() for other in taken):
+        raise ModelSqueezeError(f"{path}: the recipe would overwrite a model, sidecar or data file of this command")
+    check_output(path, force)
 
 
 @app.command(epilog="Examples:  modelsqueeze pipeline lenet300.onnx -o small.onnx --prune 0.9 --bits 5 --huffman   |   "
@@ -607,11 +639,14 @@ def pipeline(
     svd_energy: Annotated[Optional[str], typer.Option("--svd-energy", help="Step 1, svd: keep this fraction of each layer's squared singular values (per-layer syntax allowed).")] = None,
     svd_rank: Annotated[Optional[str], typer.Option("--svd-rank", help="Step 1, svd: factor rank per layer instead of --svd-energy.")] = None,
     prune_sparsity: Annotated[Optional[str], typer.Option("--prune", help="Step 2, prune: fraction of weights to zero, e.g. 0.9 or 'fc1*=0.95,0.8'.")] = None,
-    prune_scope: Annotated[str, typer.Option("--prune-scope", help="layer | global ranking for --prune.")] = "layer",
+    prune_scope: Annotated[Optional[str], typer.Option("--prune-scope", help="layer (default) | global ranking for --prune.")] = None,
     bits: Annotated[Optional[str], typer.Option("--bits", "-b", help="Step 3, cluster: index bits per tensor (2^B shared values), e.g. 5 or 'fc3*=6,4'.")] = None,
     quantize_bits: Annotated[Optional[str], typer.Option("--quantize", help="Step 3, quantize instead of cluster: linear bits per weight, e.g. 8 or 4.")] = None,
-    granularity: Annotated[str, typer.Option("--granularity", "-g", help="With --quantize: tensor | channel | block.")] = "channel",
+    granularity: Annotated[Optional[str], typer.Option("--granularity", "-g", help="With --quantize: tensor | channel (default) | block.")] = None,
     huffman_coding: Annotated[bool, typer.Option("--huffman", help="Step 4: Huffman-code the sidecar's streams.")] = False,
+    calibration: CalibrationOpt = None,
+    sequential: SequentialOpt = False,
+    damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
@@ -627,16 +662,23 @@ def pipeline(
     The files written are byte-identical to running the same steps one command at a time."""
     if bits is not None and quantize_bits is not None:
         raise ModelSqueezeError("give --bits (cluster) or --quantize (linear), not both")
+    if prune_scope is not None and prune_sparsity is None:
+        raise ModelSqueezeError("--prune-scope needs --prune")
+    if granularity is not None and quantize_bits is None:
+        raise ModelSqueezeError("--granularity needs --quantize")
+    if prune_scope is not None and prune_scope not in ("layer", "global"):
+        raise ModelSqueezeError(f"--prune-scope {prune_scope!r}: expected layer or global")
     selection = _selection(layers, exclude, min_params)
+    fit = _given(**_calibration(calibration, sequential, damp))  # every data-aware step gets the calibration
     steps = []
     if svd_energy is not None or svd_rank is not None:
-        steps.append(make_step("svd", _given(energy=svd_energy, rank=svd_rank, **selection)))
+        steps.append(make_step("svd", _given(energy=svd_energy, rank=svd_rank, **fit, **selection)))
     if prune_sparsity is not None:
-        steps.append(make_step("prune", _given(sparsity=prune_sparsity, scope=prune_scope, **selection)))
+        steps.append(make_step("prune", _given(sparsity=prune_sparsity, scope=prune_scope, **fit, **selection)))
     if bits is not None:
-        steps.append(make_step("cluster", _given(bits=bits, **selection)))
+        steps.append(make_step("cluster", _given(bits=bits, **fit, **selection)))
     if quantize_bits is not None:
-        steps.append(make_step("quantize", _given(bits=quantize_bits, granularity=granularity, **selection)))
+        steps.append(make_step("quantize", _given(bits=quantize_bits, granularity=granularity, **fit, **selection)))
     if huffman_coding:
         steps.append(make_step("huffman", selection))
     if not steps:
@@ -645,7 +687,7 @@ def pipeline(
     if dry_run:
         print(dump_recipe(recipe, Path.cwd(), "modelsqueeze recipe (paths relative to this file's folder)"), end="")
         return
-    _check_recipe_target(save_recipe, force)
+    _check_recipe_target(save_recipe, force, model, output, validate)
     _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet)
     if save_recipe is not None:
         _save_recipe(recipe, save_recipe, force, "written by `modelsqueeze pipeline --save-recipe`; run it with `modelsqueeze run`")
@@ -674,6 +716,8 @@ def run_recipe(
         raise ModelSqueezeError(f"{recipe_path}: no `input` in the recipe; give --input MODEL.onnx")
     if out_path is None:
         raise ModelSqueezeError(f"{recipe_path}: no `output` in the recipe; give --output OUT.onnx")
+    if recipe_path.resolve() in (Path(out_path).resolve(), sidecar_path(out_path).resolve()):
+        raise ModelSqueezeError(f"{out_path}: would overwrite the recipe {recipe_path}")
     validate = validate or recipe.validate
     max_drop = max_drop if max_drop is not None else recipe.max_drop
     if max_drop is not None and validate is None and recipe.max_drop is not None:

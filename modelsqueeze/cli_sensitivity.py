@@ -107,7 +107,7 @@ def sensitivity_command(
         check_output(recipe, force, [model, data])
         for key, path in (("input", model), ("validate", data)):  # what the recipe will name
             check_path_text(str(path), key)
-        from modelsqueeze.plots import check_writable_folder
+        from modelsqueeze.model import check_writable_folder
 
         check_writable_folder(recipe)
     plots = [p for p in (plot, frontier_plot) if p is not None]

@@ -415,6 +415,18 @@ def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
         raise ModelSqueezeError(f"{path}: already exists (use --force to overwrite)")
     if not path.parent.exists():
         raise ModelSqueezeError(f"{path}: folder {path.parent} does not exist")
+    check_writable_folder(path)
+
+
+def check_writable_folder(path: Path) -> None:
+    """Refuse, before any work, an output whose folder does not take new files (read-only, a
+    pseudo file system): the atomic write makes a temporary file there, so try exactly that."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=Path(path).parent)
+    except OSError as exc:
+        raise ModelSqueezeError(f"{path}: cannot write in {Path(path).parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

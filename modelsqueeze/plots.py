@@ -66,21 +66,9 @@ def check_plot_path(path: Path) -> None:
         raise ModelSqueezeError(f"{path}: the folder {parent} does not exist")
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory")
+    from modelsqueeze.model import check_writable_folder
+
     check_writable_folder(path)
-
-
-def check_writable_folder(path: Path) -> None:
-    """Refuse, before any work, an output whose folder does not take new files (read-only, a
-    pseudo file system): the atomic write makes a temporary file there, so try exactly that."""
-    import os
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=Path(path).parent)
-    except OSError as exc:
-        raise ModelSqueezeError(f"{path}: cannot write in {Path(path).parent} ({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -261,3 +261,40 @@ def test_progress_view_shows_steps_and_tensors(tmp_path, monkeypatch):
     shown = screen.getvalue()
     for text in ("step 1/3 prune", "step 3/3 huffman", "cluster: tensors", "3/3"):
         assert text in shown, text
+
+
+def test_recipe_targets_never_land_on_the_command_s_own_files(tmp_path):
+    out = tmp_path / "s.toml"
+    assert "would overwrite" in refused("pipeline", LENET300, "-o", out, "--prune", "0.5", "--save-recipe", out, "--force")
+    assert not out.exists() and not out.with_suffix(".msq").exists()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'input = "{LENET300}"\n[[step]]\ncommand = "huffman"\n')
+    before = recipe.read_bytes()
+    assert "would overwrite the recipe" in refused("run", recipe, "-o", recipe, "--force")
+    assert recipe.read_bytes() == before
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    import os
+
+    if os.access("/proc", os.W_OK) and os.geteuid() != 0:  # pragma: no cover - /proc is never writable
+        raise AssertionError("expected /proc to refuse new files")
+    assert "cannot write" in refused("pipeline", LENET300, "-o", "/proc/a.onnx", "--prune", "0.5")
+    assert "cannot write" in refused("pipeline", LENET300, "-o", tmp_path / "a.onnx", "--prune", "0.5", "--save-recipe", "/proc/r.toml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_flags_without_their_step_are_refused(tmp_path):
+    out = tmp_path / "o.onnx"
+    assert "--prune-scope needs --prune" in refused("pipeline", LENET300, "-o", out, "--bits", "4", "--prune-scope", "global")
+    assert "--granularity needs --quantize" in refused("pipeline", LENET300, "-o", out, "--bits", "4", "--granularity", "block")
+    assert "--prune-scope 'foo'" in refused("pipeline", LENET300, "-o", out, "--prune", "0.5", "--prune-scope", "foo")
+
+
+def test_report_plot_does_not_overwrite_without_force(tmp_path):
+    plot = tmp_path / "w.png"
+    plot.write_bytes(b"keep")
+    assert "already exists" in refused("report", LENET300, "--plot", plot)
+    assert plot.read_bytes() == b"keep"
+    result = invoke("report", LENET300, "--plot", plot, "--force", "--quiet")
+    assert result.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@ the nearest of K centroids (per tensor, or one codebook shared by all); zeros st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -12,7 +13,9 @@ import onnx
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
 from modelsqueeze.pack import put_array
+from modelsqueeze.model import WeightInfo
 from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
@@ -30,6 +33,9 @@ class ClusterConfig:
     method: str = "lloyd"
     scope: str = "layer"
     seed: int = 0
+    calibration: str | None = None  # inputs (.npz, no labels needed): re-fit each codebook to the layer's outputs
+    sequential: bool = False  # with calibration: fit each layer to the inputs the clustered layers before it give
+    damp: float = 0.01  # ridge of the codebook fit, relative to the mean of diag(XᵀX)
     selection: Selection = field(default_factory=Selection)
     version: int = 1
 
@@ -46,6 +52,8 @@ class ClusterConfig:
                 raise ModelSqueezeError(f"{flag} {value!r}: expected one of {', '.join(options)}")
         if self.scope == "shared" and (self.rule.overrides or self.rule.default is None):
             raise ModelSqueezeError("--scope shared uses one codebook: give one --bits/--clusters value, no per-layer ones")
+        if self.sequential and self.calibration is None:
+            raise ModelSqueezeError("--sequential needs --calibration DATA.npz")
 
     @property
     def rule(self) -> LayerRule:
@@ -112,6 +120,33 @@ def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return assign(values, centroids) if centroids.size else np.zeros(values.size, np.intp)
 
 
+def _labels(record: CompressedTensor, array: np.ndarray) -> np.ndarray:
+    """Each element's code in the tensor's shape; -1 where the weight is (and stays) exactly zero."""
+    labels = np.full(array.size, -1, np.int64)
+    stored = np.arange(array.size) if record.positions is None else record.positions
+    labels[stored] = record.indices
+    labels[array.reshape(-1) == 0] = -1
+    return labels.reshape(array.shape)
+
+
+def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, record: CompressedTensor,
+           current: onnx.ModelProto, notes: list[str]) -> CompressedTensor:
+    """The record with its codebook values fitted in closed form to the layer's original outputs
+    (the assignments stay; zeros stay zero)."""
+    from modelsqueeze.kernels.calibrated import refit_codebook
+
+    data = cal.layer(info.key, current)
+    view = data.view
+    w = view.to_matrix(array).astype(np.float64)
+    labels = view.to_matrix(_labels(record, array))
+    codebook = refit_codebook(w, labels, record.codebook.size, data.H, cal.damp, C=data.C,
+                              initial=record.codebook.astype(np.float64))
+    fitted = dataclasses.replace(record, codebook=codebook.astype(record.codebook.dtype))
+    notes.append(cal.note(info.key, data, w, view.to_matrix(record.decode()).astype(np.float64),
+                          view.to_matrix(fitted.decode()).astype(np.float64)))
+    return fitted
+
+
 def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: ClusterConfig) -> PassResult:
     """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
     out, selected = config.selection.start(model)
@@ -127,8 +162,14 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
         shared, _ = _codes(values, chosen[0][2], config)
     new_records = dict(records)
     changed = []
+    cal = Calibrator.create(config, model, [info for info, _, _ in chosen], notes)
+    if cal is not None and config.scope == "shared":
+        notes.append("--scope shared: the shared codebook is not re-fitted (calibration fits per-layer codebooks)")
+        cal = None
     for info, array, k in chosen:
         record = encode(info.key, array, k, config, shared)
+        if cal is not None and cal.covers(info.key):
+            record = _refit(cal, info, array, record, out, notes)
         new_records[info.key] = record
         put_array(out, info.key, record.decode())
         changed.append(info.key)

@@ -13,6 +13,7 @@ from modelsqueeze.kernels import prune as kernels
 from modelsqueeze.model import WeightInfo, find_weights
 from modelsqueeze.pack import put_array
 from modelsqueeze.passes import LayerRule, PassResult, Selection, sparse_record, track
+from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.passes.shrink import shrink_channels
 from modelsqueeze.tensor import CompressedTensor
 
@@ -35,6 +36,9 @@ class PruneConfig:
     structured: str | None = None
     norm: str = "l2"
     shrink: bool = False
+    calibration: str | None = None  # inputs (.npz, no labels needed): rank by output error, re-fit survivors
+    sequential: bool = False  # with calibration: each layer fitted to the inputs the pruned layers before it give
+    damp: float = 0.01  # ridge of the re-fit, relative to the mean of diag(XᵀX)
     selection: Selection = field(default_factory=Selection)
     version: int = 1
 
@@ -62,6 +66,8 @@ class PruneConfig:
         for rule, option in ((self.threshold, "--threshold"), (self.std_scale, "--std-scale")):
             if rule is not None and any(v < 0 for v in rule.values()):
                 raise ModelSqueezeError(f"{option} values must be 0 or more")
+        if self.sequential and self.calibration is None:
+            raise ModelSqueezeError("--sequential needs --calibration DATA.npz")
         if self.nm is not None and not (0 < self.nm[0] <= self.nm[1]):
             raise ModelSqueezeError(f"--nm {self.nm[0]}:{self.nm[1]}: need 0 < N <= M")
 
@@ -121,17 +127,52 @@ def _masks(
     return masks, channel_keeps
 
 
+def _importance(cal: Calibrator, info: WeightInfo, array: np.ndarray) -> np.ndarray:
+    """What the mask ranks, in the tensor's own shape: |w|·sqrt(diag H) (the output error zeroing
+    w alone causes, OBS/Wanda-style) for calibrated layers, |w| for the others."""
+    if not cal.covers(info.key):
+        return array
+    from modelsqueeze.kernels.calibrated import saliency
+
+    data = cal.reference_layer(info.key)
+    return data.view.from_matrix(np.sqrt(saliency(data.view.to_matrix(array), data.H)).astype(np.float32))
+
+
+def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, keep: np.ndarray, current: onnx.ModelProto,
+           notes: list[str]) -> np.ndarray:
+    """The surviving weights re-fitted by least squares to the layer's original outputs."""
+    from modelsqueeze.kernels.calibrated import refit_masked
+
+    data = cal.layer(info.key, current)
+    view = data.view
+    w = view.to_matrix(array).astype(np.float64)
+    fitted = refit_masked(w, view.to_matrix(keep), data.H, cal.damp, C=data.C)
+    notes.append(cal.note(info.key, data, w, np.where(view.to_matrix(keep), w, 0.0), fitted.astype(np.float64)))
+    return view.from_matrix(fitted.astype(array.dtype))
+
+
 def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: PruneConfig) -> PassResult:
     """Apply `config` to a copy of `model` whose tensors hold their current values; `records` are
     the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
     out, selected = config.selection.start(model)
     notes: list[str] = []
     weights = [(info, info.array()) for info in selected]
-    masks, channel_keeps = _masks(config, weights, notes)
+    cal = Calibrator.create(config, model, selected, notes)
+    ranked = weights
+    if cal is not None and (config.sparsity is not None or config.nm is not None) and not config.structured:
+        ranked = [(info, _importance(cal, info, array)) for info, array in weights]
+    masks, channel_keeps = _masks(config, ranked, notes)
     for info, array in weights:
         if info.key in masks:
             put_array(out, info.key, np.where(masks[info.key], array, np.zeros((), array.dtype)))
     changed = [info.key for info, _ in weights if info.key in masks]
+    if cal is not None:
+        if config.structured:
+            notes.append("structured pruning keeps the remaining channels' weights as they are (no re-fit)")
+        else:
+            for info, array in track(weights):
+                if info.key in masks and cal.covers(info.key):
+                    put_array(out, info.key, _refit(cal, info, array, masks[info.key], out, notes))
     if config.shrink:
         reshaped = shrink_channels(out, channel_keeps, notes)
         changed += [key for key in sorted(reshaped) if key in records and key not in changed]

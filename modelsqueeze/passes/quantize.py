@@ -17,6 +17,7 @@ from modelsqueeze.kernels import quant
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.pack import put_array
 from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
@@ -33,12 +34,17 @@ class QuantizeConfig:
     block_size: int = 32
     range: str = "minmax"
     percentile: float = 99.99
+    calibration: str | None = None  # inputs (.npz, no labels needed): GPTQ error feedback
+    sequential: bool = False  # with calibration: fit each layer to the inputs the quantized layers before it give
+    damp: float = 0.01  # ridge added to XᵀX, relative to its mean diagonal
     selection: Selection = field(default_factory=Selection)
     version: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, numbers.Real) and not isinstance(self.bits, bool):
             object.__setattr__(self, "bits", LayerRule(default=float(self.bits)))
+        if self.sequential and self.calibration is None:
+            raise ModelSqueezeError("--sequential needs --calibration DATA.npz")
         if not isinstance(self.bits, LayerRule):
             raise ModelSqueezeError(f"--bits {self.bits!r}: expected a number of bits or per-layer bits")
         if not self.bits.values():
@@ -78,13 +84,19 @@ def layout_for(info: WeightInfo, array: np.ndarray, config: QuantizeConfig, note
     return quant.Layout(array.shape)
 
 
-def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig, bits: int) -> CompressedTensor:
+def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig, bits: int,
+           fitted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> CompressedTensor:
     """The smaller of a dense record (zeros quantize exactly to the zero point) and one storing
     only the non-zeros' codes with their positions, both with `bits`-bit codes (this tensor's
-    value of `config.bits`)."""
-    scale, zero_point = quant.choose_params(array, layout, bits, config.signed, config.symmetric,
-                                            config.range, config.percentile)
-    q = quant.quantize(array, layout, scale, zero_point, bits, config.signed).reshape(-1)
+    value of `config.bits`). `fitted` = (scale, zero_point, q) gives the codes (from GPTQ) instead
+    of rounding each weight to its nearest level."""
+    if fitted is None:
+        scale, zero_point = quant.choose_params(array, layout, bits, config.signed, config.symmetric,
+                                                config.range, config.percentile)
+        q = quant.quantize(array, layout, scale, zero_point, bits, config.signed).reshape(-1)
+    else:
+        scale, zero_point, q = fitted
+        q = q.reshape(-1)
     codes = (q - quant.qrange(bits, config.signed)[0]).astype(np.uint8)
     common = dict(scale=scale, zero_point=zero_point.astype(np.int64), quant_axis=layout.axis,
                   block_size=layout.block_size, signed=config.signed, index_bits=bits)
@@ -95,6 +107,32 @@ def encode(name: str, array: np.ndarray, layout: quant.Layout, config: QuantizeC
         return dense
     sparse = CompressedTensor(name, array.shape, array.dtype.name, indices=codes[positions], positions=positions, **common)
     return min((dense, sparse), key=record_size)
+
+
+def _gptq(cal: Calibrator, info: WeightInfo, array: np.ndarray, layout: quant.Layout, config: QuantizeConfig,
+          bits: int, current: onnx.ModelProto, notes: list[str]) -> CompressedTensor:
+    """GPTQ: the same grid as the data-free record (scales from the weights), codes chosen input by
+    input with the rounding error fed back into the weights not yet quantized; zeros stay zero."""
+    from modelsqueeze.kernels.calibrated import gptq, refit_masked
+
+    scale, zero_point = quant.choose_params(array, layout, bits, config.signed, config.symmetric,
+                                            config.range, config.percentile)
+    data = cal.layer(info.key, current)
+    view = data.view
+    qmin, qmax = quant.qrange(bits, config.signed)
+    w = view.to_matrix(array).astype(np.float64)
+    target = w
+    if data.C is not None:  # sequential: first the weights that best map these inputs to the original outputs
+        target = refit_masked(w, view.to_matrix(array != 0), data.H, cal.damp, C=data.C)
+    codes, _ = gptq(target, data.H, view.to_matrix(layout.expand(scale)).astype(np.float64),
+                    view.to_matrix(layout.expand(zero_point)).astype(np.float64), qmin, qmax,
+                    keep=view.to_matrix(array != 0), damp=cal.damp)
+    q = view.from_matrix(np.asarray(codes, np.int64))
+    plain = encode(info.key, array, layout, config, bits)
+    record = encode(info.key, array, layout, config, bits, fitted=(scale, zero_point, q))
+    notes.append(cal.note(info.key, data, w, view.to_matrix(plain.decode()).astype(np.float64),
+                          view.to_matrix(record.decode()).astype(np.float64)))
+    return record
 
 
 def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.ModelProto:
@@ -120,6 +158,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     default and no matching override) is left alone."""
     notes: list[str] = []
     out, selected = config.selection.start(model)
+    cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
     if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
         selected = config.selection.pick(out)
@@ -130,7 +169,11 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
         if value is None:
             continue
         array = info.array()
-        record = encode(info.key, array, layout_for(info, array, config, notes), config, int(value))
+        layout = layout_for(info, array, config, notes)
+        if cal is not None and cal.covers(info.key):
+            record = _gptq(cal, info, array, layout, config, int(value), out, notes)
+        else:
+            record = encode(info.key, array, layout, config, int(value))
         new_records[info.key] = record
         put_array(out, info.key, record.decode())
         changed.append(info.key)

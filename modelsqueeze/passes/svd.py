@@ -14,6 +14,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
 from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
 from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.tensor import CompressedTensor
 
 SUFFIX_IN = ".svd_in"  # the factor applied first, to the layer's input (r output channels)
@@ -32,10 +33,15 @@ class SvdConfig:
     ratio: LayerRule | None = None
     max_error: LayerRule | None = None
     target_params: int | None = None
+    calibration: str | None = None  # inputs (.npz, no labels needed): activation-aware factors and ranks
+    sequential: bool = False  # with calibration: fit each layer to the inputs the factored layers before it give
+    damp: float = 0.01  # ridge added to XᵀX, relative to its mean diagonal
     selection: Selection = field(default_factory=Selection)
     version: int = 1
 
     def __post_init__(self) -> None:
+        if self.sequential and self.calibration is None:
+            raise ModelSqueezeError("--sequential needs --calibration DATA.npz")
         given = [n for n in ("rank", "energy", "ratio", "max_error", "target_params") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ModelSqueezeError(
@@ -171,6 +177,43 @@ def _output_positions(target: _Target, shapes: dict[str, tuple]) -> int | None:
     if any(d is None or d <= 0 for d in inner):
         return None
     return int(np.prod(inner, dtype=np.int64))
+
+
+def _whitened_spectrum(data, target: _Target, damp: float) -> np.ndarray:
+    """Squared singular values of LᵀW (H = LLᵀ): how the layer's output energy spreads over ranks."""
+    from modelsqueeze.kernels.calibrated import whitened_svd
+
+    w = data.view.to_matrix(target.info.array()).astype(np.float64)
+    return np.asarray(whitened_svd(w, data.H, 1, damp)[2], np.float64)
+
+
+def _whitened(cal: Calibrator, target: _Target, rank: int, current: onnx.ModelProto, notes: list[str]) -> lowrank.Factors:
+    """Activation-aware factors: the rank-r A·B closest to W in the layer's outputs (whitened by the
+    Cholesky factor of XᵀX), in the orientation `target.matrix` uses (Conv: M × C·k)."""
+    from modelsqueeze.kernels.calibrated import refit_masked, whitened_svd
+
+    data = cal.layer(target.info.key, current)
+    view = data.view
+    w = view.to_matrix(target.info.array()).astype(np.float64)
+    goal = w if data.C is None else refit_masked(w, np.ones(w.shape, bool), data.H, cal.damp, C=data.C)
+    a, b, spectrum = whitened_svd(goal, data.H, rank, cal.damp)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if target.node.op_type == "Conv":  # target.matrix is Wᵀ: W ≈ A B  =>  Wᵀ ≈ Bᵀ Aᵀ
+        a, b = b.T, a.T
+    dtype = target.matrix.dtype
+    product = a @ b
+    matrix = target.matrix.astype(np.float64)
+    norm = float(np.linalg.norm(matrix)) or 1.0
+    spectrum = np.asarray(spectrum, np.float64)
+    kept = float(spectrum[:rank].sum() / spectrum.sum()) if spectrum.sum() > 0 else 1.0
+    plain = lowrank.factorize(target.matrix, rank, lowrank.energies(target.matrix))
+    plain_w = plain.a.astype(np.float64) @ plain.b.astype(np.float64)
+    fitted_w = product
+    if target.node.op_type == "Conv":
+        plain_w, fitted_w = plain_w.T, fitted_w.T
+    notes.append(cal.note(target.info.key, data, w, plain_w, fitted_w))
+    return lowrank.Factors(a.astype(dtype), b.astype(dtype), "whitened", kept,
+                           float(np.linalg.norm(matrix - product) / norm), float(np.sqrt(max(1.0 - kept, 0.0))))
 
 
 def _choose_rank(config: SvdConfig, target: _Target) -> tuple[int | None, str]:
@@ -309,12 +352,18 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
         else:
             targets.append(found)
 
+    cal = Calibrator.create(config, model, [t.info for t in targets], notes)
+    if cal is not None:  # rank choice by the spectrum of the layer's outputs, not of its weights
+        for target in targets:
+            if cal.covers(target.info.key):
+                data = cal.reference_layer(target.info.key)
+                target.spectrum = _whitened_spectrum(data, target, cal.damp)
     plan: list[tuple[_Target, int, str]] = []
     if config.target_params is not None:
         plan = _budget_plan(out, targets, config.target_params, notes)
     else:
         for target in targets:
-            if config.energy is not None or config.max_error is not None:
+            if (config.energy is not None or config.max_error is not None) and target.spectrum is None:
                 target.spectrum = lowrank.energies(target.matrix)
             rank, how = _choose_rank(config, target)
             if rank is None:
@@ -335,7 +384,10 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     for target, rank, how in track(plan):
         if target.spectrum is None:
             target.spectrum = lowrank.energies(target.matrix)
-        factors = lowrank.factorize(target.matrix, rank, target.spectrum)
+        if cal is not None and cal.covers(target.info.key):
+            factors = _whitened(cal, target, rank, out, notes)
+        else:
+            factors = lowrank.factorize(target.matrix, rank, target.spectrum)
         positions = _output_positions(target, shapes)
         first_w, second_w = _rewrite(out, target, factors, names)
         k, n = target.shape
@@ -380,7 +432,8 @@ def _budget_plan(model: onnx.ModelProto, targets: list[_Target], target_params: 
             f"{len(targets)} factorable layers, {fixed:,} in tensors it cannot factor)"
         )
     for target in targets:
-        target.spectrum = lowrank.energies(target.matrix)
+        if target.spectrum is None:
+            target.spectrum = lowrank.energies(target.matrix)
     ranks = lowrank.allocate_ranks([t.spectrum for t in targets], [t.shape for t in targets], target_params - fixed)
     plan = []
     for target, rank in zip(targets, ranks):
