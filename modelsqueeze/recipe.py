@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "huffman": ("modelsqueeze.passes.huffman", "HuffmanConfig", "huffman"),
 }
 SELECTION_KEYS = ("layers", "exclude", "min_params")
+PATH_OPTIONS = ("calibration",)  # step options naming files: relative to the recipe's folder
 TOP_KEYS = ("version", "input", "output", "validate", "max_drop", "step")
 
 
@@ -334,6 +335,8 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
             close = difflib.get_close_matches(str(command), COMMANDS, n=1)
             raise fail(f"{label}: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else
                        f"; expected one of {', '.join(COMMANDS)}"), index, "command")
+        for key in [k for k in options if _key(k) in PATH_OPTIONS and isinstance(options[k], str) and options[k]]:
+            options[key] = str(base / options[key])  # like input/output: relative to the recipe's folder
         try:
             steps.append(make_step(command, options))
         except ModelSqueezeError as exc:
@@ -410,7 +413,8 @@ def dump_recipe(recipe: Recipe, base: Path = Path("."), comment: str = "") -> st
         lines.append(f"max_drop = {_toml_value(_number(recipe.max_drop))}")
     for step in recipe.steps:
         lines += ["", "[[step]]", f"command = {_toml_string(step.command)}"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in step_options(step).items()]
+        lines += [f"{key} = {_toml_value(_relative(value, base) if key in PATH_OPTIONS else value)}"
+                  for key, value in step_options(step).items()]
     return "\n".join(lines) + "\n"
 
 
