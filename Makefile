@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install test demo lenet5 lenet300 recipes search gate sample-models bench clean
+.PHONY: install test demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
 MSQ := $(BIN)/modelsqueeze
 
 install: $(VENV)/.installed
@@ -21,8 +21,9 @@ test: install
 	$(PY) -m pytest
 
 # The main job on a sample model, one step per shell command as a user's Makefile would do it:
-# LeNet-5 pruned per layer, weight-shared at 3 bits and Huffman-coded, then gated on ratio and accuracy.
-demo: lenet5
+# LeNet-5 pruned (data-aware, 95% global), weight-shared at 3 bits and Huffman-coded, gated on
+# ratio and accuracy; then the data-free recipe; then every sample's accuracy.
+demo: lenet5-calibrated lenet5
 	@for m in lenet300 lenet5 lstm_digits tiny_transformer; do \
 	  $(MSQ) eval sample_models/$$m.onnx --data sample_models/$$m.npz --quiet || exit $$?; done
 
@@ -46,11 +47,38 @@ lenet300: install
 	$(MSQ) report $(OUT)/lenet300_coded.onnx --baseline sample_models/lenet300.onnx \
 	  --data sample_models/lenet300.npz --max-drop 1 --min-ratio 17
 
+# Data-aware: calibrated on 2000 unlabelled training images (sample_models/*_calib.npz); each layer
+# is fitted to the inputs the already-compressed layers before it produce (--sequential).
+CAL5 := --calibration sample_models/lenet5_calib.npz --sequential
+CAL300 := --calibration sample_models/lenet300_calib.npz --sequential
+
+lenet5-calibrated: install
+	@mkdir -p $(OUT)
+	$(MSQ) prune sample_models/lenet5.onnx -o $(OUT)/lenet5_cal_pruned.onnx --force \
+	  --sparsity 0.95 --scope global $(CAL5) --validate sample_models/lenet5.npz --max-drop 2
+	$(MSQ) cluster $(OUT)/lenet5_cal_pruned.onnx -o $(OUT)/lenet5_cal_shared.onnx --force \
+	  --bits 3 $(CAL5) --validate sample_models/lenet5.npz --max-drop 1
+	$(MSQ) huffman $(OUT)/lenet5_cal_shared.onnx -o $(OUT)/lenet5_cal_coded.onnx --force
+	$(MSQ) report $(OUT)/lenet5_cal_coded.onnx --baseline sample_models/lenet5.onnx \
+	  --data sample_models/lenet5.npz --max-drop 1 --min-ratio 75
+
+lenet300-calibrated: install
+	@mkdir -p $(OUT)
+	$(MSQ) prune sample_models/lenet300.onnx -o $(OUT)/lenet300_cal_pruned.onnx --force \
+	  --sparsity 0.9 --scope global $(CAL300) --validate sample_models/lenet300.npz --max-drop 2
+	$(MSQ) cluster $(OUT)/lenet300_cal_pruned.onnx -o $(OUT)/lenet300_cal_shared.onnx --force \
+	  --bits 3 $(CAL300) --validate sample_models/lenet300.npz --max-drop 1
+	$(MSQ) huffman $(OUT)/lenet300_cal_shared.onnx -o $(OUT)/lenet300_cal_coded.onnx --force
+	$(MSQ) report $(OUT)/lenet300_cal_coded.onnx --baseline sample_models/lenet300.onnx \
+	  --data sample_models/lenet300.npz --max-drop 1 --min-ratio 45
+
 # The same compressions as TOML recipes (byte-identical results to the step-by-step targets).
 recipes: install
 	@mkdir -p $(OUT)
 	$(MSQ) run recipes/lenet5.toml --force
 	$(MSQ) run recipes/lenet300.toml --force
+	$(MSQ) run recipes/lenet5_calibrated.toml --force
+	$(MSQ) run recipes/lenet300_calibrated.toml --force
 
 # How the recipes' per-layer settings were found: a size-targeted search on the unlabelled
 # calibration images (agreement with the original model), pictures included.
