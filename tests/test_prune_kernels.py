@@ -97,3 +97,20 @@ def test_bad_arguments():
         k.nm_mask(np.ones(4), 3, 2, 0)
     with pytest.raises(ValueError):
         k.channel_norms(np.ones((2, 2)), 0, "l3")
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, -0.5, 0.5, 1.0, -2.0, 3.0, float("nan")]), min_size=1, max_size=30),
+                min_size=1, max_size=4),
+       st.sampled_from([0.0, 0.1, 0.33, 0.5, 0.9, 1.0]))
+def test_selection_equals_a_stable_sort_of_all_magnitudes(values, sparsity):
+    """The O(N) selection gives exactly what a stable argsort of every magnitude gives, ties
+    (many here) and NaN included."""
+    arrays = [np.array(v, dtype=np.float32) for v in values]
+    flat = np.concatenate([np.abs(a) for a in arrays]).astype(np.float64)
+    n = int(round(sparsity * flat.size))
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(flat, kind="stable")[:n]] = False
+    bounds = np.cumsum([0] + [a.size for a in arrays])
+    got = k.global_magnitude_masks(arrays, sparsity)
+    for i, mask in enumerate(got):
+        assert np.array_equal(mask, keep[bounds[i]:bounds[i + 1]])

@@ -18,13 +18,7 @@ def n_to_prune(n: int, sparsity: float) -> int:
 def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
     """Keep-mask zeroing exactly round(sparsity * n) weights of smallest magnitude (ties broken by
     position, so the result is deterministic)."""
-    flat = np.abs(weights).reshape(-1)
-    k = n_to_prune(flat.size, sparsity)
-    keep = np.ones(flat.size, dtype=bool)
-    if k:
-        order = np.argsort(flat, kind="stable")
-        keep[order[:k]] = False
-    return keep.reshape(weights.shape)
+    return global_magnitude_masks([weights], sparsity)[0]
 
 
 def threshold_mask(weights: np.ndarray, threshold: float) -> np.ndarray:
@@ -40,12 +34,37 @@ def std_threshold(arrays: Sequence[np.ndarray], scale: float) -> float:
 
 def global_magnitude_masks(arrays: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:
     """Keep-masks for several tensors sharing one magnitude ranking: exactly round(sparsity * N)
-    of all N weights are zeroed, the smallest first, ties broken by tensor then position."""
-    sizes = [a.size for a in arrays]
-    flat = np.concatenate([np.abs(a).reshape(-1).astype(np.float64) for a in arrays]) if arrays else np.zeros(0)
-    keep = magnitude_mask(flat, sparsity).reshape(-1)
-    bounds = np.cumsum([0, *sizes])
-    return [keep[bounds[i]:bounds[i + 1]].reshape(a.shape) for i, a in enumerate(arrays)]
+    of all N weights are zeroed, the smallest first, ties broken by tensor then position (what a
+    stable sort of all magnitudes gives). O(N) selection, no sort: the k-th smallest magnitude t
+    is found with a partition of one scratch copy; everything below t goes, and of the weights
+    equal to t the earliest go until k are gone. NaN weights rank above every number (kept)."""
+    mags = [np.abs(np.asarray(a)).reshape(-1) for a in arrays]
+    total = sum(m.size for m in mags)
+    k = n_to_prune(total, sparsity)
+    if k == 0:
+        return [np.ones(a.shape, dtype=bool) for a in arrays]
+    if k >= total:
+        return [np.zeros(a.shape, dtype=bool) for a in arrays]
+    scratch = np.concatenate(mags) if len(mags) > 1 else mags[0].copy()
+    scratch.partition(k - 1)  # NaN sorts last, as in a sort
+    t = scratch[k - 1]
+    del scratch
+    if np.isnan(t):  # more weights to zero than numbers: every number goes, then the earliest NaNs
+        below = [~np.isnan(m) for m in mags]
+        ties = [np.isnan(m) for m in mags]
+    else:
+        below = [m < t for m in mags]
+        ties = [m == t for m in mags]
+    need = k - sum(int(np.count_nonzero(b)) for b in below)
+    masks = []
+    for a, b, tie in zip(arrays, below, ties):
+        drop = b
+        if need > 0:
+            positions = np.flatnonzero(tie)[:need]
+            drop[positions] = True
+            need -= positions.size
+        masks.append(~drop.reshape(a.shape))
+    return masks
 
 
 def channel_norms(weights: np.ndarray, axis: int, norm: str = "l2") -> np.ndarray:
