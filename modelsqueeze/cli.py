@@ -360,8 +360,16 @@ def _transform(
         summary["accuracy_before"] = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
         # Measured on the graph exactly as it will be written (native forms and all).
         measure = lambda graph: top1_accuracy(graph, arrays, str(output), str(validate))  # noqa: E731
+    # What the summary needs of the input, kept small; the input model itself is let go as soon
+    # as the first step has made its own (a pipeline holds one model at a time).
+    before = {w.key: w for w in find_weights(pair.model)}
+    before_rows = {key: (list(w.shape), _zero_fraction(w.array())) for key, w in before.items()}
+    before_size = packed_size(pair)
+    inputs = {"model": pair.model, "records": pair.records}
+    del pair, before
     with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor):
-        final, records, outcomes = run_steps(pair.model, pair.records, steps, on_step, measure, size_last=False)
+        final, records, outcomes = run_steps(inputs.pop("model"), inputs.pop("records"), steps, on_step, measure,
+                                             size_last=False)
     if arrays is not None:
         before, after = summary["accuracy_before"], outcomes[-1].accuracy
         summary.update(accuracy_after=after, drop_pp=100 * (before - after))
@@ -371,15 +379,16 @@ def _transform(
                 f"more than --max-drop {max_drop:g}; nothing written"
             )
     write_pair(final, list(records.values()), output, force, inputs=[model])
+    del final, records
     written = load_pair(output)
-    changed = list(dict.fromkeys(key for o in outcomes for key in o.result.changed))
+    changed = list(dict.fromkeys(key for o in outcomes for key in o.changed))
     summary.update(
-        tensors=_step_rows(pair, written, changed), notes=[n for o in outcomes for n in o.notes],
-        packed_bytes_before=packed_size(pair), packed_bytes_after=packed_size(written),
+        tensors=_step_rows(before_rows, written, changed), notes=[n for o in outcomes for n in o.notes],
+        packed_bytes_before=before_size, packed_bytes_after=packed_size(written),
     )
     if len(steps) > 1 or command in ("pipeline", "run"):
         summary["steps"] = [
-            {"command": o.step.command, "options": step_options(o.step), "changed": len(o.result.changed),
+            {"command": o.step.command, "options": step_options(o.step), "changed": len(o.changed),
              "packed_bytes": o.packed_bytes if o.packed_bytes is not None else summary["packed_bytes_after"],
              **({"accuracy": o.accuracy} if o.accuracy is not None else {})}
             for o in outcomes
@@ -404,21 +413,26 @@ def _selection(layers: list[str], exclude: list[str], min_params: int) -> dict:
     return {"layers": list(layers), "exclude": list(exclude), "min_params": min_params}
 
 
-def _step_rows(before, after, changed: list[str]) -> list[dict]:
-    old = {w.key: w for w in find_weights(before.model)}
+def _zero_fraction(array: np.ndarray) -> float:
+    return float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0
+
+
+def _step_rows(before: dict[str, tuple[list[int], float]], after, changed: list[str]) -> list[dict]:
+    """Per changed tensor: shape and sparsity before (from `before`: key -> (shape, zero fraction))
+    and after, distinct values and stored bytes."""
     new = {w.key: w for w in find_weights(after.model)}
     record_bytes = after.sidecar.record_bytes if after.sidecar else {}
     rows = []
     for key in changed:
-        a, b = old.get(key), new.get(key)
+        a, b = before.get(key), new.get(key)
         if b is None:  # a tensor the pass replaced (svd: by its factors), listed under its new names
             continue
-        old_array, new_array = (a.array() if a else None), b.array()
+        new_array = b.array()
         rows.append({
             "name": key,
-            "shape_before": list(a.shape) if a else None, "shape_after": list(b.shape),
-            "sparsity_before": float(np.mean(old_array == 0)) if old_array is not None and old_array.size else 0.0,
-            "sparsity_after": float(np.mean(new_array == 0)) if new_array.size else 0.0,
+            "shape_before": a[0] if a else None, "shape_after": list(b.shape),
+            "sparsity_before": a[1] if a else 0.0,
+            "sparsity_after": _zero_fraction(new_array),
             "unique_values": int(np.unique(new_array).size),
             "stored_bytes": int(record_bytes.get(key, new_array.nbytes)),
             "bits_per_weight": 8.0 * record_bytes.get(key, new_array.nbytes) / max(new_array.size, 1),

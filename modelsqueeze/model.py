@@ -145,8 +145,11 @@ def parse_model(data: bytes, source: Path) -> onnx.ModelProto:
 def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     """Load a model and its external data (which must lie inside the model's folder)."""
     path = Path(path)
+    key = _disk_key(path) if path.is_file() else None
     model = parse_model(read_model_bytes(path), path)
     external = [t for t in iter_all_tensors(model) if uses_external_data(t)]
+    if key is not None:
+        _FILE_BYTES[key] = _file_bytes(path, external)
     if external:
         base = path.resolve().parent
         for tensor in external:
@@ -169,16 +172,30 @@ def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) 
         raise ModelSqueezeError(f"{source}: invalid ONNX model: a name or string is not valid UTF-8") from None
 
 
+# Bytes on disk of models already parsed, by (path, mtime, size): `model_file_bytes` of a model this
+# process loaded need not read and parse it again (a second copy of a big model in memory).
+_FILE_BYTES: dict[tuple[str, int, int], int] = {}
+
+
+def _disk_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def _file_bytes(path: Path, tensors: Iterable[onnx.TensorProto]) -> int:
+    locations = {entry.value for t in tensors for entry in t.external_data if entry.key == "location"}
+    extra = (path.parent / loc for loc in locations)
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
+
+
 def model_file_bytes(path: Path) -> int:
     """Bytes on disk of a model file plus the external data files it names."""
     path = Path(path)
-    model = parse_model(read_model_bytes(path), path)
-    locations = {
-        entry.value for t in iter_all_tensors(model) if uses_external_data(t)
-        for entry in t.external_data if entry.key == "location"
-    }
-    extra = (path.parent / loc for loc in locations)
-    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
+    key = _disk_key(path)
+    if key not in _FILE_BYTES:
+        model = parse_model(read_model_bytes(path), path)
+        _FILE_BYTES[key] = _file_bytes(path, (t for t in iter_all_tensors(model) if uses_external_data(t)))
+    return _FILE_BYTES[key]
 
 
 def uses_external_data(tensor: onnx.TensorProto) -> bool:

@@ -101,17 +101,41 @@ def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
     return bare
 
 
+def _varint_bytes(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> int:
+    """len(model_to_bytes(skeleton(model, records))), without copying the model: protobuf sizes
+    are computed (ByteSize) and the deleted initializers' entries subtracted. Records inside
+    subgraphs fall back to building the skeleton."""
+    names = [record.name for record in records]
+    if any(_graph_for_key(model, name)[0] is not model.graph for name in names):
+        return len(model_to_bytes(skeleton(model, records)))
+    owned = set(names)
+    graph = model.graph
+    dropped = 0
+    for tensor in graph.initializer:
+        base = tensor.name.split(forms.AUX, 1)[0]
+        if base in owned and forms.owns_initializer(base, tensor.name):
+            n = tensor.ByteSize()
+            dropped += 1 + _varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
+    old = graph.ByteSize()
+    new = old - dropped
+    return model.ByteSize() - _varint_bytes(old) - old + _varint_bytes(new) + new  # ModelProto.graph: field 7
+
+
 def packed_size(pair: "Pair") -> int:
     """What a user ships, in bytes: skeleton + sidecar, or the model file (and its external data)."""
     if pair.sidecar is None:
         return model_file_bytes(pair.path)
-    return len(model_to_bytes(skeleton(pair.model, pair.records.values()))) + pair.sidecar_path.stat().st_size
+    return skeleton_size(pair.model, pair.records.values()) + pair.sidecar_path.stat().st_size
 
 
 def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor]) -> int:
-    """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it."""
-    graph = rendered(model, records)
-    return len(model_to_bytes(skeleton(model, records))) + len(encode_sidecar(list(records), graph_hash(graph)))
+    """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it
+    (the sidecar's length does not depend on the graph hash it carries)."""
+    return skeleton_size(model, records) + len(encode_sidecar(list(records), bytes(32)))
 
 
 def round_trip(
@@ -178,8 +202,17 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
             f"{side}: this sidecar belongs to a different graph than {path} (binding hash mismatch)"
         )
     _check_shapes(model, car, side)
+    # The graph as written is checked (compact: records in their native forms); rendering the
+    # records dense only swaps those forms for initializers of the shapes checked above. A
+    # skeleton (sidecar-backed initializers deleted) is only complete once rendered.
+    try:
+        check_model(model, path)
+        complete = True
+    except ModelSqueezeError:
+        complete = False
     render(model, car.records.values(), dense=True)
-    check_model(model, path)
+    if not complete:
+        check_model(model, path)
     return Pair(path=path, model=model, sidecar=car, sidecar_path=side)
 
 

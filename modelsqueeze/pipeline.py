@@ -13,17 +13,17 @@ import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.pack import packed_bytes, rendered, round_trip
-from modelsqueeze.passes import PassResult
 from modelsqueeze.recipe import Step
 from modelsqueeze.tensor import CompressedTensor
 
 
 @dataclass
 class StepOutcome:
-    """What one step did: its pass result, the packed size after it, and (with data) accuracy."""
+    """What one step did: the tensors it changed, its notes, the packed size after it, and (with
+    data) accuracy. The step's model is not kept: a pipeline holds one model at a time."""
 
     step: Step
-    result: PassResult
+    changed: list[str]
     packed_bytes: int | None
     accuracy: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -64,5 +64,6 @@ file instead). A failing step
             raise type(exc)(f"step {index + 1} {step.command}{before}: {exc}") from None
         written, written_records = result.model, result.records
         accuracy = measure(rendered(written, written_records.values())) if measure is not None else None
-        outcomes.append(StepOutcome(step, result, size, accuracy, list(result.notes)))
+        outcomes.append(StepOutcome(step, list(result.changed), size, accuracy, list(result.notes)))
+        del result
     return written, written_records, outcomes
