@@ -413,4 +413,8 @@ def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
     arrays.pop("y", None)
     if not arrays:
         raise ModelSqueezeError(f"{path}: no input arrays (calibration data needs the model's inputs, by name or `x`)")
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ModelSqueezeError(f"{path}: array {name!r} has {bad:,} NaN or infinite values; calibration needs finite inputs")
     return arrays

@@ -381,7 +381,7 @@ def test_repeating_the_calibration_data_changes_nothing(tmp_path, command):
         np.testing.assert_allclose(wa[name], wb[name], rtol=1e-4, atol=1e-5)
 
 
-def test_BUG_global_prune_mask_depends_on_calibration_size_when_a_layer_is_not_calibrated(tmp_path):
+def test_global_prune_mask_depends_on_calibration_size_when_a_layer_is_not_calibrated(tmp_path):
     """prune --scope global ranks calibrated layers by |w|·sqrt(diag H) (grows with the number of
     calibration rows) against uncalibrated ones (here a shared weight) by |w|: repeating the same
     calibration data 4 times moves the global split, and the uncalibrated layer absorbs almost all
@@ -554,7 +554,7 @@ def test_bad_calibration_files_are_one_error_line_and_nothing_written(tmp_path, 
 
 @pytest.mark.parametrize("command, value", [(["prune", "--sparsity", "0.5"], "nan"), (["cluster", "--bits", "3"], "inf"),
                                             (["quantize", "--bits", "4"], "nan"), (["svd", "--rank", "2"], "inf")])
-def test_BUG_non_finite_calibration_data_is_one_error_line_not_a_traceback(tmp_path, command, value):
+def test_non_finite_calibration_data_is_one_error_line_not_a_traceback(tmp_path, command, value):
     """Calibration inputs holding NaN or inf make H non-finite; the kernels then raise a bare
     ValueError('H has NaN or infinite values'), which escapes as a traceback with exit code 1."""
     model, calib, _ = form_case(tmp_path, "matmul")
@@ -572,7 +572,7 @@ def test_BUG_non_finite_calibration_data_is_one_error_line_not_a_traceback(tmp_p
 
 
 @pytest.mark.parametrize("command", [["prune", "--sparsity", "0.5"], ["quantize", "--bits", "4"]])
-def test_BUG_activations_overflowing_to_inf_are_a_note_or_one_error_line_not_a_traceback(tmp_path, command):
+def test_activations_overflowing_to_inf_are_a_note_or_one_error_line_not_a_traceback(tmp_path, command):
     """Finite calibration inputs whose activations overflow float32 inside the model (fc2's input
     is inf/NaN): either fc2 is left data-free with a note, or the command is refused in one line;
     today the kernels' ValueError escapes as a traceback."""

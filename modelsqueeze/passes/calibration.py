@@ -61,8 +61,19 @@ class Calibrator:
                 cal.views[info.key] = view
         if cal.views:  # the reference inputs of every layer (mask choice, notes; the fit when not sequential)
             stats = calibrate.capture(model, cal.arrays, list(cal.views.values()), max_rows=cal.max_rows)
-            cal._stats = {key: LayerData(cal.views[key], s.H, None, s.rows) for key, s in stats.items()}
+            for key, s in stats.items():
+                if np.isfinite(s.H).all():
+                    cal._stats[key] = LayerData(cal.views[key], s.H, None, s.rows)
+                else:  # the model's own activations overflow on this data
+                    notes.append(f"{key}: its inputs on {cal.path.name} are not finite (the activations overflow); "
+                                 f"not calibrated (data-free)")
+                    del cal.views[key]
         return cal
+
+    @property
+    def samples(self) -> int:
+        """How many calibration samples (the arrays' leading dimension)."""
+        return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
 
     def covers(self, key: str) -> bool:
         return key in self.views
@@ -79,6 +90,8 @@ class Calibrator:
         from modelsqueeze import calibrate
 
         stats = calibrate.capture_pair(self.reference, current, self.arrays, [self.views[key]])[key]
+        if not (np.isfinite(stats.H).all() and np.isfinite(stats.C).all()):  # fall back to the reference inputs
+            return self._stats[key]
         return LayerData(self.views[key], stats.H, stats.C, stats.rows)
 
     def error(self, key: str, data: LayerData, w: np.ndarray, w2: np.ndarray) -> float:

@@ -128,14 +128,16 @@ def _masks(
 
 
 def _importance(cal: Calibrator, info: WeightInfo, array: np.ndarray) -> np.ndarray:
-    """What the mask ranks, in the tensor's own shape: |w|·sqrt(diag H) (the output error zeroing
-    w alone causes, OBS/Wanda-style) for calibrated layers, |w| for the others."""
+    """What the mask ranks, in the tensor's own shape: |w|·sqrt((XᵀX)ₖₖ / samples), the root of the
+    squared output error zeroing w alone causes per calibration sample, summed over every output
+    position of a Conv (OBS/Wanda-style). It compares across layers (global scope) and does not
+    grow with the amount of data; uncalibrated layers rank by |w| (an input of unit energy)."""
     if not cal.covers(info.key):
-        return array
-    from modelsqueeze.kernels.calibrated import saliency
-
+        return np.abs(array).astype(np.float64)
     data = cal.reference_layer(info.key)
-    return data.view.from_matrix(np.sqrt(saliency(data.view.to_matrix(array), data.H)).astype(np.float32))
+    energy = np.diag(data.H) / max(cal.samples, 1)
+    w = data.view.to_matrix(array).astype(np.float64)
+    return data.view.from_matrix(np.abs(w) * np.sqrt(energy)[:, None])
 
 
 def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, keep: np.ndarray, current: onnx.ModelProto,
