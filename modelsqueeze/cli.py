@@ -23,7 +23,7 @@ from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
 from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
-from modelsqueeze.passes import watching
+from modelsqueeze.passes import parallel, watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, load_previous, markdown, parse_growth, rich_table, summary_table
@@ -334,11 +334,12 @@ CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", "-c", h
 SequentialOpt = Annotated[bool, typer.Option("--sequential", help="With --calibration: fit each layer to the inputs the already-compressed layers before it produce.")]
 DampOpt = Annotated[float, typer.Option("--damp", help="With --calibration: ridge added to XᵀX, as a fraction of its mean diagonal.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="With --validate: exit 1, writing nothing, if accuracy falls by more than PP percentage points.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Threads for independent tensors (cluster's k-means, Huffman coding). The output is the same for any value.")]
 
 
 def _transform(
     model: Path, output: Path, force: bool, steps: list[Step], command: str,
-    validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool,
+    validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool, jobs: int = 1,
 ) -> None:
     """The shared life of a transforming command (one step) and of pipeline/run (several): load,
     run the steps in memory, validate the graph exactly as it will be written, write the pair.
@@ -367,7 +368,8 @@ def _transform(
     before_size = packed_size(pair)
     inputs = {"model": pair.model, "records": pair.records}
     del pair, before
-    with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor):
+    with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor), \
+            parallel(jobs):
         final, records, outcomes = run_steps(inputs.pop("model"), inputs.pop("records"), steps, on_step, measure,
                                              size_last=False)
     if arrays is not None:
@@ -495,6 +497,7 @@ def prune(
     min_params: MinParamsOpt = 0,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -503,7 +506,7 @@ def prune(
     step = make_step("prune", _given(sparsity=sparsity, threshold=threshold, std_scale=std_scale, nm=nm, scope=scope,
                                      structured=structured, norm=norm, shrink=shrink, **_calibration(calibration, sequential, damp),
                                      **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet, jobs)
 
 
 @app.command(epilog="Examples:  modelsqueeze cluster pruned.onnx -o shared.onnx --bits 5   |   "
@@ -527,6 +530,7 @@ def cluster(
     min_params: MinParamsOpt = 0,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -534,7 +538,7 @@ def cluster(
     """k-means weight sharing: a codebook of K values per tensor and bit-packed indices; zeros stay zero."""
     step = make_step("cluster", _given(bits=bits, clusters=clusters, init=init, method=method, scope=scope, seed=seed,
                                        **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet, jobs)
 
 
 @app.command(epilog="Examples:  modelsqueeze quantize m.onnx -o q8.onnx   (int8, per channel, symmetric)   |   "
@@ -559,6 +563,7 @@ def quantize(
     min_params: MinParamsOpt = 0,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -568,7 +573,7 @@ def quantize(
     step = make_step("quantize", _given(bits=bits, signed=signed, symmetric=symmetric, granularity=granularity,
                                         block_size=block_size, range=range_method, percentile=percentile,
                                         **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet, jobs)
 
 
 @app.command(epilog="Examples:  modelsqueeze huffman shared.onnx -o coded.onnx   |   "
@@ -583,13 +588,14 @@ def huffman(
     min_params: MinParamsOpt = 0,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Canonical Huffman coding of the sidecar's index, code and position streams (lossless)."""
     step = make_step("huffman", _given(max_unique=max_unique, **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "huffman", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, [step], "huffman", validate, max_drop, as_json, quiet, jobs)
 
 
 @app.command(epilog="Examples:  modelsqueeze svd lenet300.onnx -o low.onnx --energy 0.9   |   "
@@ -612,6 +618,7 @@ def svd(
     min_params: MinParamsOpt = 0,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -619,7 +626,7 @@ def svd(
     """Low-rank factorization of MatMul/Gemm weights (two MatMuls) and Conv weights (k×k conv to r channels + 1×1 conv)."""
     step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error, target_params=target_params,
                                    **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet, jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +675,7 @@ def pipeline(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the recipe these flags make and stop (nothing is read or written).")] = False,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -702,7 +710,7 @@ def pipeline(
         print(dump_recipe(recipe, Path.cwd(), "modelsqueeze recipe (paths relative to this file's folder)"), end="")
         return
     _check_recipe_target(save_recipe, force, model, output, validate)
-    _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet)
+    _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet, jobs)
     if save_recipe is not None:
         _save_recipe(recipe, save_recipe, force, "written by `modelsqueeze pipeline --save-recipe`; run it with `modelsqueeze run`")
 
@@ -717,6 +725,7 @@ def run_recipe(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output model (overrides the recipe's `output`).")] = None,
     validate: Annotated[Optional[Path], typer.Option("--validate", help="Labelled .npz (overrides the recipe's `validate`).")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Exit 1, writing nothing, if accuracy falls by more than PP points (overrides the recipe's `max_drop`).")] = None,
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -736,7 +745,7 @@ def run_recipe(
     max_drop = max_drop if max_drop is not None else recipe.max_drop
     if max_drop is not None and validate is None and recipe.max_drop is not None:
         raise ModelSqueezeError(f"{recipe_path}: `max_drop` needs `validate` (or --validate DATA.npz)")
-    _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet)
+    _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet, jobs)
 
 
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")

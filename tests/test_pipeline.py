@@ -298,3 +298,19 @@ def test_report_plot_does_not_overwrite_without_force(tmp_path):
     assert plot.read_bytes() == b"keep"
     result = invoke("report", LENET300, "--plot", plot, "--force", "--quiet")
     assert result.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("model, flags", [
+    (LENET300, ["--prune", "0.6", "--prune-scope", "global", "--bits", "4", "--huffman"]),
+    (LENET5, ["--bits", "fc1*=3,5", "--huffman"]),
+    (LENET300, ["--prune", "0.8", "--prune-scope", "global", "--bits", "3", "--huffman",
+                "--calibration", SAMPLES / "lenet300_calib.npz"]),
+])
+def test_the_output_does_not_depend_on_jobs(tmp_path, model, flags):
+    ok("pipeline", model, "-o", tmp_path / "one.onnx", *flags, "--jobs", "1")
+    ok("pipeline", model, "-o", tmp_path / "four.onnx", *flags, "--jobs", "4")
+    same_files(tmp_path / "one.onnx", tmp_path / "four.onnx")
+
+
+def test_jobs_must_be_positive(tmp_path):
+    assert "--jobs 0" in refused("cluster", LENET300, "-o", tmp_path / "o.onnx", "--bits", "4", "--jobs", "0")

@@ -21,6 +21,7 @@ from modelsqueeze.tensor import CompressedTensor
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 # Who hears about each tensor a pass finishes: (done, total). Set by the CLI for its progress view.
 _watcher: ContextVar[Callable[[int, int], None] | None] = ContextVar("modelsqueeze_progress", default=None)
 
@@ -33,6 +34,42 @@ def watching(callback: Callable[[int, int], None]) -> Iterator[None]:
         yield
     finally:
         _watcher.reset(token)
+
+
+_jobs: ContextVar[int] = ContextVar("modelsqueeze_jobs", default=1)
+
+
+@contextmanager
+def parallel(jobs: int) -> Iterator[None]:
+    """Passes run inside this call spread independent per-tensor work over `jobs` threads."""
+    if jobs < 1:
+        raise ModelSqueezeError(f"--jobs {jobs}: must be 1 or more")
+    token = _jobs.set(jobs)
+    try:
+        yield
+    finally:
+        _jobs.reset(token)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """[fn(item) for item in items], computed on up to `parallel(jobs)` threads (numpy and the
+    codecs release the GIL in their heavy loops); results in input order, so the output does not
+    depend on the number of jobs. `fn` must not touch shared state (the graph): passes mutate the
+    model afterwards, in order. Progress is reported as items finish."""
+    jobs = min(_jobs.get(), len(items))
+    if jobs <= 1:
+        return [fn(item) for item in track(items)]
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    watcher = _watcher.get()
+    results: list = [None] * len(items)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        for done, future in enumerate(as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            if watcher is not None:
+                watcher(done, len(items))
+    return results
 
 
 def track(items: Sequence[T]) -> Iterator[T]:

@@ -14,7 +14,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
 from modelsqueeze.pack import put_array
 from modelsqueeze.model import WeightInfo
-from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, parallel_map, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
@@ -152,7 +152,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     out, selected = config.selection.start(model)
     notes: list[str] = []
     chosen = []
-    for info in track(selected):
+    for info in selected:
         value, _ = config.rule.lookup(info)
         if value is not None:
             chosen.append((info, info.array(), config.n_clusters(value)))
@@ -166,10 +166,28 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     if cal is not None and config.scope == "shared":
         notes.append("--scope shared: the shared codebook is not re-fitted (calibration fits per-layer codebooks)")
         cal = None
-    for info, array, k in chosen:
+    # k-means of independent tensors in parallel (--jobs); fits that read the model as it is being
+    # rewritten (--sequential) and all graph edits stay in order.
+    fitted_notes: dict[str, list[str]] = {}
+
+    def work(item) -> CompressedTensor:
+        info, array, k = item
         record = encode(info.key, array, k, config, shared)
-        if cal is not None and cal.covers(info.key):
-            record = _refit(cal, info, array, record, out, notes)
+        if cal is not None and not cal.sequential and cal.covers(info.key):
+            fitted_notes[info.key] = []
+            record = _refit(cal, info, array, record, out, fitted_notes[info.key])
+        return record
+
+    parallel_ok = cal is None or not cal.sequential
+    done = dict(zip((info.key for info, _, _ in chosen), parallel_map(work, chosen))) if parallel_ok else {}
+    for info, array, k in (chosen if parallel_ok else track(chosen)):
+        if parallel_ok:
+            record = done[info.key]
+            notes.extend(fitted_notes.get(info.key, []))
+        else:
+            record = encode(info.key, array, k, config, shared)
+            if cal.covers(info.key):
+                record = _refit(cal, info, array, record, out, notes)
         new_records[info.key] = record
         put_array(out, info.key, record.decode())
         changed.append(info.key)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.passes import PassResult, Selection, track
+from modelsqueeze.passes import PassResult, Selection, parallel_map
 from modelsqueeze.passes.cluster import index_bits
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
@@ -71,24 +71,25 @@ def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     notes: list[str] = []
     new_records = dict(records)
     changed = []
-    for info in track(selected):
+    def code(info) -> tuple[CompressedTensor | None, str]:
         record = records.get(info.key)
         if record is None:
             array = info.array()
             n_unique = np.unique(array).size
             if n_unique > config.max_unique:
-                notes.append(f"{info.key}: {n_unique:,} distinct values, nothing to code (cluster or quantize it first)")
-                continue
+                return None, f"{info.key}: {n_unique:,} distinct values, nothing to code (cluster or quantize it first)"
             record = exact_codebook(info.key, array)
         if record.indices is None:
-            notes.append(f"{info.key}: raw values, nothing to code (cluster or quantize it first)")
-            continue
+            return None, f"{info.key}: raw values, nothing to code (cluster or quantize it first)"
         coded = code_streams(record)
-        new_records[info.key] = coded
-        changed.append(info.key)
         if coded.stream_codecs:
-            notes.append(f"{info.key}: {record_size(record):,} -> {record_size(coded):,} bytes "
-                         f"({', '.join(f'{r}: {c}' for r, c in sorted(coded.stream_codecs.items()))})")
-        else:
-            notes.append(f"{info.key}: Huffman coding does not pay here, streams stay as they are")
+            return coded, (f"{info.key}: {record_size(record):,} -> {record_size(coded):,} bytes "
+                           f"({', '.join(f'{r}: {c}' for r, c in sorted(coded.stream_codecs.items()))})")
+        return coded, f"{info.key}: Huffman coding does not pay here, streams stay as they are"
+
+    for info, (coded, note) in zip(selected, parallel_map(code, selected)):
+        notes.append(note)
+        if coded is not None:
+            new_records[info.key] = coded
+            changed.append(info.key)
     return PassResult(model=out, records=new_records, changed=changed, notes=notes)
