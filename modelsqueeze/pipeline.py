@@ -49,21 +49,24 @@ file instead). A failing step
     outcomes: list[StepOutcome] = []
     written, written_records = model, records
     for index, step in enumerate(steps):
+        last = index + 1 == len(steps)
         if on_step is not None:
             on_step(index, step)
         try:
             result = step.apply(model, records)
+            model = written = None  # one model at a time: this step's input is let go (if the caller did)
             # The next step (and the size) sees what reloading the written pair would give; the
             # last result itself is what gets written, as a single command would write it.
             size = None
-            if index + 1 < len(steps) or size_last:
+            if not last or size_last:
                 model, records = round_trip(result.model, result.records)
                 size = packed_bytes(model, list(records.values()))
         except ModelSqueezeError as exc:
             before = f" (after {describe(steps[:index])})" if index else ""
             raise type(exc)(f"step {index + 1} {step.command}{before}: {exc}") from None
-        written, written_records = result.model, result.records
-        accuracy = measure(rendered(written, written_records.values())) if measure is not None else None
+        accuracy = measure(rendered(result.model, result.records.values())) if measure is not None else None
         outcomes.append(StepOutcome(step, list(result.changed), size, accuracy, list(result.notes)))
+        if last:
+            written, written_records = result.model, result.records
         del result
     return written, written_records, outcomes
