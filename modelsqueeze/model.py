@@ -413,11 +413,26 @@ def graph_hash(model: onnx.ModelProto) -> bytes:
     """SHA-256 binding a sidecar to its graph: the model with every initializer removed, so the
     skeleton (graph minus sidecar-backed initializers) and the full graph hash alike."""
     bare = onnx.ModelProto()
-    bare.CopyFrom(model)
+    _copy_fields(model, bare, skip=("graph",))
+    _copy_fields(model.graph, bare.graph, skip=("initializer", "sparse_initializer"))  # no copy of the weights
     for _, graph in iter_graphs(bare.graph):
         graph.ClearField("initializer")
         graph.ClearField("sparse_initializer")
     return hashlib.sha256(bare.SerializeToString(deterministic=True)).digest()
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of message `src` into `dst` except those named in `skip`."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:

@@ -82,6 +82,42 @@ def test_layout_per_consumer_op(node_text, shapes, expect):
         assert (found[name].role, found[name].channel_axis, found[name].reduction_axis) == (role, channel, reduction), name
 
 
+def test_graph_hash_is_the_model_without_any_initializer():
+    """graph_hash avoids copying the weights; it must equal the definition in docs/FORMAT.md: SHA-256
+    of the model serialized (deterministic) with every graph's initializers removed, subgraphs too."""
+    import hashlib
+
+    from modelsqueeze.model import graph_hash, iter_graphs
+
+    model = onnx.parser.parse_model(SUBGRAPH_TEXT)
+    model.doc_string, model.producer_name = "doc", "me"
+    model.metadata_props.add(key="k", value="v")
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for _, graph in iter_graphs(bare.graph):
+        graph.ClearField("initializer")
+        graph.ClearField("sparse_initializer")
+    assert graph_hash(model) == hashlib.sha256(bare.SerializeToString(deterministic=True)).digest()
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.node[0].name = "renamed"
+    assert graph_hash(changed) != graph_hash(model)
+
+
+SUBGRAPH_TEXT = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x, bool c) => (float[N, 3] y, float[N, 3] z) <float[4, 3] W = {1,2,3,4,5,6,7,8,9,10,11,12}> {
+          z = MatMul(x, W)
+          y = If(c) <then_branch = t () => (float[N, 3] o) { o = MatMul(x, W) },
+                     else_branch = e () => (float[N, 3] o2) <float[4, 3] W = {0,0,0,0,0,0,0,0,0,0,0,1}> {
+                       k = Constant<value = float[4, 3] {1,1,1,1,1,1,1,1,1,1,1,1}>()
+                       m = MatMul(x, W)
+                       n = MatMul(x, k)
+                       o2 = Add(m, n) }>
+        }
+        """
+
+
 def test_subgraphs_constants_and_shared_initializers():
     model = onnx.parser.parse_model(
         """
