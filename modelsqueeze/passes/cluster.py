@@ -151,18 +151,18 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
     out, selected = config.selection.start(model)
     notes: list[str] = []
-    chosen = []
+    chosen = []  # (info, k); each tensor's values are read when it is clustered, not all at once
     for info in selected:
         value, _ = config.rule.lookup(info)
         if value is not None:
-            chosen.append((info, info.array(), config.n_clusters(value)))
+            chosen.append((info, config.n_clusters(value)))
     shared = None
     if config.scope == "shared" and chosen:
-        values = np.concatenate([a[a != 0].astype(np.float64) for _, a, _ in chosen])
-        shared, _ = _codes(values, chosen[0][2], config)
+        values = np.concatenate([a[a != 0].astype(np.float64) for a in (info.array() for info, _ in chosen)])
+        shared, _ = _codes(values, chosen[0][1], config)
     new_records = dict(records)
     changed = []
-    cal = Calibrator.create(config, model, [info for info, _, _ in chosen], notes)
+    cal = Calibrator.create(config, model, [info for info, _ in chosen], notes)
     if cal is not None and config.scope == "shared":
         notes.append("--scope shared: the shared codebook is not re-fitted (calibration fits per-layer codebooks)")
         cal = None
@@ -171,7 +171,8 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     fitted_notes: dict[str, list[str]] = {}
 
     def work(item) -> CompressedTensor:
-        info, array, k = item
+        info, k = item
+        array = info.array()
         record = encode(info.key, array, k, config, shared)
         if cal is not None and not cal.sequential and cal.covers(info.key):
             fitted_notes[info.key] = []
@@ -179,18 +180,21 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
         return record
 
     parallel_ok = cal is None or not cal.sequential
-    done = dict(zip((info.key for info, _, _ in chosen), parallel_map(work, chosen))) if parallel_ok else {}
-    for info, array, k in (chosen if parallel_ok else track(chosen)):
+    done = dict(zip((info.key for info, _ in chosen), parallel_map(work, chosen))) if parallel_ok else {}
+    # --sequential rewrites the graph between tensors: every value is read before the first edit
+    values = {} if parallel_ok else {info.key: info.array() for info, _ in chosen}
+    for info, k in (chosen if parallel_ok else track(chosen)):
         if parallel_ok:
-            record = done[info.key]
+            record = done.pop(info.key)
             notes.extend(fitted_notes.get(info.key, []))
         else:
+            array = values.pop(info.key)
             record = encode(info.key, array, k, config, shared)
             if cal.covers(info.key):
                 record = _refit(cal, info, array, record, out, notes)
         new_records[info.key] = record
         put_array(out, info.key, record.decode())
         changed.append(info.key)
-        if record.codebook.size < k and array.size >= k:
+        if record.codebook.size < k and info.n_params >= k:
             notes.append(f"{info.key}: {record.codebook.size} codes used of {k} (fewer distinct values)")
     return PassResult(model=out, records=new_records, changed=changed, notes=notes)
