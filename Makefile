@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install test demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
+.PHONY: install test fuzz demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
 MSQ := $(BIN)/modelsqueeze
 
 install: $(VENV)/.installed
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The fuzz suite at length (`make test` runs it bounded and derandomized): MSQ_FUZZ_EXAMPLES examples
+# per property, random seeds.
+fuzz: install
+	MSQ_FUZZ_EXAMPLES=$${MSQ_FUZZ_EXAMPLES:-5000} $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 # The main job on a sample model, one step per shell command as a user's Makefile would do it:
 # LeNet-5 pruned (data-aware, 95% global), weight-shared at 3 bits and Huffman-coded, gated on

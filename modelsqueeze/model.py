@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ def parse_model(data: bytes, source: Path) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
+        if "MaxDepth" in str(exc):  # upb stops at 100 nested messages: a recursion bomb of subgraphs
+            raise ModelSqueezeError(f"{source}: subgraphs nested too deeply for the protobuf parser") from None
         raise ModelSqueezeError(f"{source}: not an ONNX model (truncated or not protobuf: {exc})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelSqueezeError(f"{source}: not an ONNX model (no IR version, graph or opset)")
@@ -157,7 +160,41 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
         load_external_data_for_model(model, str(base))
     if check:
         check_model(model, path)
+    check_tensor_sizes(model, path)
     return model
+
+
+_FOUR_BIT_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
+_TYPED_FIELDS = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+                 onnx.TensorProto.FLOAT16: "int32_data"}
+
+
+def check_tensor_sizes(model: onnx.ModelProto, source: Path | str) -> None:
+    """Every tensor's data holds exactly what its dims declare. onnx.checker refuses data that is
+    too short; data that is too long would fail later in a reshape, so it is refused here too."""
+    for tensor in iter_all_tensors(model):
+        if uses_external_data(tensor) or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        n = math.prod(tensor.dims)  # Python ints: an absurd product cannot overflow
+        raw = len(tensor.raw_data)
+        if raw:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):
+                continue  # a type this tool never reads
+            need = (n + 1) // 2 if tensor.data_type in _FOUR_BIT_TYPES else n * itemsize
+            if raw != need:
+                raise ModelSqueezeError(
+                    f"{source}: invalid ONNX model: tensor {tensor.name!r} holds {raw} bytes of data, "
+                    f"its dims {list(tensor.dims)} declare {need}"
+                )
+        elif tensor.data_type in _TYPED_FIELDS:
+            held = len(getattr(tensor, _TYPED_FIELDS[tensor.data_type]))
+            if held and held != n:
+                raise ModelSqueezeError(
+                    f"{source}: invalid ONNX model: tensor {tensor.name!r} holds {held} values, "
+                    f"its dims {list(tensor.dims)} declare {n}"
+                )
 
 
 def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) -> None:
@@ -413,8 +450,11 @@ def graph_hash(model: onnx.ModelProto) -> bytes:
     """SHA-256 binding a sidecar to its graph: the model with every initializer removed, so the
     skeleton (graph minus sidecar-backed initializers) and the full graph hash alike."""
     bare = onnx.ModelProto()
-    _copy_fields(model, bare, skip=("graph",))
-    _copy_fields(model.graph, bare.graph, skip=("initializer", "sparse_initializer"))  # no copy of the weights
+    try:
+        _copy_fields(model, bare, skip=("graph",))
+        _copy_fields(model.graph, bare.graph, skip=("initializer", "sparse_initializer"))  # no copy of the weights
+    except UnicodeDecodeError:  # protobuf decodes a string field when it is read
+        raise ModelSqueezeError("invalid ONNX model: a name or string is not valid UTF-8") from None
     for _, graph in iter_graphs(bare.graph):
         graph.ClearField("initializer")
         graph.ClearField("sparse_initializer")

@@ -149,6 +149,8 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
         raise ModelSqueezeError(f"Huffman stream has {n_chunks} chunks, {expect_chunks} expected")
     if count == 0:
         return np.zeros(0, np.uint16)
+    # One chunk holds everything once chunk >= count; a larger declared chunk must not size the work.
+    chunk = min(chunk, count)
     if lengths.max(initial=0) > MAX_CODE_BITS or not lengths.any():
         raise ModelSqueezeError("Huffman code lengths are out of range")
     present = np.flatnonzero(lengths)
