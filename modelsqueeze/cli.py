@@ -70,6 +70,10 @@ def handles_errors(command: Callable) -> Callable:
         except ModelSqueezeError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except MemoryError:
+            err.print("[bold red]error:[/] out of memory (the model, or a tensor it declares, is too large for this machine)",
+                      highlight=False)
+            raise typer.Exit(2) from None
         except OSError as exc:  # a write that fails midway (disk full, folder gone): one line, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
             err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False)

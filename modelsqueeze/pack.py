@@ -221,12 +221,23 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
 MAX_TENSOR_BYTES = 2**36
 
 
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return MAX_TENSOR_BYTES
+
+
 def _check_shapes(model: onnx.ModelProto, car: Sidecar, side: Path) -> None:
-    """Each record must fit the graph: the shape of the initializer it replaces, a sane size."""
+    """Each record must fit the graph: the shape of the initializer it replaces, and a size this
+    machine could hold (a small sidecar claiming a huge, mostly-zero tensor is refused before
+    anything is allocated)."""
+    limit = min(MAX_TENSOR_BYTES, _memory_bytes())
     for record in car.records.values():
         n_bytes = record.n_params * np.dtype(record.dtype).itemsize
-        if n_bytes > MAX_TENSOR_BYTES:
-            raise ModelSqueezeError(f"{side}: record {record.name!r} claims {n_bytes:,} bytes of weights; refused")
+        if n_bytes > limit:
+            raise ModelSqueezeError(f"{side}: record {record.name!r} claims {n_bytes:,} bytes of weights, more than "
+                                    f"this machine's {limit:,} bytes of memory; refused")
         graph, name = _graph_for_key(model, record.name)
         shapes = {t.name: tuple(t.dims) for t in graph.initializer}
         if name in shapes and shapes[name] != record.shape:

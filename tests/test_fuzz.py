@@ -683,7 +683,7 @@ sys.stdout.write(f"{result.exit_code}\\n{'Traceback' in result.output or result.
 """
 
 
-def test_BUG_a_tiny_sidecar_claiming_a_32_gib_sparse_tensor_is_refused_not_a_memory_error(tmp_path):
+def test_a_tiny_sidecar_claiming_a_32_gib_sparse_tensor_is_refused_not_a_memory_error(tmp_path):
     """A 376-byte sidecar beside a skeleton claims fc3.weight is 2^16 x 2^17 float32, all zeros
     (an empty gaps stream): under the 64 GiB MAX_TENSOR_BYTES of pack._check_shapes, and with no
     initializer left to compare the shape with. Every command then builds the 32 GiB dense
@@ -734,7 +734,7 @@ NON_FINITE_COMMANDS = {
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 @pytest.mark.parametrize("command", sorted(NON_FINITE_COMMANDS))
-def test_BUG_non_finite_weights_are_left_untouched_with_a_note(non_finite_models, tmp_path, kind, command):
+def test_non_finite_weights_are_left_untouched_with_a_note(non_finite_models, tmp_path, kind, command):
     """Issue 11: a tensor holding NaN/Inf is left exactly as it is, with a note naming it; the other
     tensors are compressed; never a NaN codebook, never a traceback. Today: prune compresses it
     silently, cluster refuses the whole command, quantize silently replaces NaN/Inf by finite codes
@@ -752,4 +752,5 @@ def test_BUG_non_finite_weights_are_left_untouched_with_a_note(non_finite_models
     got = initializers(pair.model)
     want = initializers(load_model(source))
     assert same_bits(got["fc3.weight"], want["fc3.weight"])
-    assert not same_bits(got["fc1.weight"], want["fc1.weight"])  # the finite tensors were compressed
+    # the finite tensors were compressed (svd replaces a factored weight by its two factors)
+    assert "fc1.weight" not in got if command == "svd" else not same_bits(got["fc1.weight"], want["fc1.weight"])

@@ -107,6 +107,20 @@ class Selection:
         return copy, selected
 
 
+def finite_only(selected: list[WeightInfo], notes: list[str]) -> list[WeightInfo]:
+    """The selected tensors without those holding NaN or infinite values: they are left exactly as
+    they are, with a note (no codebook, grid or factorization can represent them)."""
+    kept = []
+    for info in selected:
+        array = info.array()
+        bad = array.size - int(np.count_nonzero(np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
+        if bad:
+            notes.append(f"{info.key}: {bad:,} NaN or infinite values; left as it is")
+        else:
+            kept.append(info)
+    return kept
+
+
 def tensor_names(info: WeightInfo) -> list[str]:
     """The names a glob may match: the tensor, its subgraph key, and its consumers' node names."""
     names = [info.name, info.key]

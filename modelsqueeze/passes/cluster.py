@@ -14,7 +14,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
 from modelsqueeze.pack import put_array
 from modelsqueeze.model import WeightInfo
-from modelsqueeze.passes import LayerRule, PassResult, Selection, parallel_map, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, parallel_map, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
@@ -151,6 +151,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
     out, selected = config.selection.start(model)
     notes: list[str] = []
+    selected = finite_only(selected, notes)
     chosen = []  # (info, k); each tensor's values are read when it is clustered, not all at once
     for info in selected:
         value, _ = config.rule.lookup(info)

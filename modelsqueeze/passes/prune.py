@@ -12,7 +12,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import prune as kernels
 from modelsqueeze.model import WeightInfo, find_weights
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import LayerRule, PassResult, Selection, sparse_record, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, sparse_record, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.passes.shrink import shrink_channels
 from modelsqueeze.tensor import CompressedTensor
@@ -158,6 +158,7 @@ def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: 
     the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
     out, selected = config.selection.start(model)
     notes: list[str] = []
+    selected = finite_only(selected, notes)
     weights = [(info, info.array()) for info in selected]
     cal = Calibrator.create(config, model, selected, notes)
     ranked = weights

@@ -16,7 +16,7 @@ from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.pack import put_array
-from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
@@ -158,10 +158,12 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     default and no matching override) is left alone."""
     notes: list[str] = []
     out, selected = config.selection.start(model)
+    selected = finite_only(selected, notes)
     cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
     if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
-        selected = config.selection.pick(out)
+        finite = {info.key for info in selected}
+        selected = [info for info in config.selection.pick(out) if info.key in finite]
     new_records = dict(records)
     changed = []
     for info in track(selected):

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
 from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
-from modelsqueeze.passes import LayerRule, PassResult, Selection, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.tensor import CompressedTensor
 
@@ -342,6 +342,7 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     selected = config.selection.pick(out)
     if not selected:
         raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+    selected = finite_only(selected, notes)
     targets: list[_Target] = []
     for info in selected:
         found = _target(out, info)
