@@ -57,6 +57,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 
 
+def _one_line(text: str) -> str:
+    """An error is one line on stderr, whatever the file names in it hold."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def handles_errors(command: Callable) -> Callable:
     """Turn our errors into one line on stderr and the documented exit code."""
 
@@ -65,10 +70,10 @@ def handles_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except CheckFailed as exc:
-            err.print(f"[bold red]check failed:[/] {escape(str(exc))}", highlight=False)
+            err.print(f"[bold red]check failed:[/] {escape(_one_line(str(exc)))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except ModelSqueezeError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
             err.print("[bold red]error:[/] out of memory (the model, or a tensor it declares, is too large for this machine)",
@@ -76,7 +81,7 @@ def handles_errors(command: Callable) -> Callable:
             raise typer.Exit(2) from None
         except OSError as exc:  # a write that fails midway (disk full, folder gone): one line, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
-            err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(_one_line(where + (exc.strerror or str(exc))))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -770,6 +775,10 @@ from modelsqueeze import cli_sensitivity  # noqa: E402,F401  (registers the sens
 
 
 def main() -> None:
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):  # `modelsqueeze report m.onnx | head -1`: end quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     app(prog_name="modelsqueeze")
 
 

@@ -541,11 +541,24 @@ def save_model(
         return
     data_name = f"{path.name}.data"
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+        tmp_dir = os.path.abspath(tmp_dir)
         tmp_model = Path(tmp_dir) / path.name
-        onnx.save_model(
-            model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_name, size_threshold=inline_below_bytes,
-        )
-        if (Path(tmp_dir) / data_name).exists():
-            os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
+        cwd = os.getcwd()
+        os.chdir(tmp_dir)  # onnx refuses a data file that exists relative to the working directory
+        try:
+            onnx.save_model(
+                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=inline_below_bytes,
+            )
+        finally:
+            os.chdir(cwd)
+        staged_data = Path(tmp_dir) / data_name
+        for staged in (tmp_model, staged_data):
+            if staged.exists():
+                os.chmod(staged, 0o666 & ~_umask())
+        if staged_data.exists():
+            # The old model goes before the new data arrives: a kill never leaves an old model
+            # reading a new data file (at worst, no model at the destination).
+            path.unlink(missing_ok=True)
+            os.replace(staged_data, path.parent / data_name)
         os.replace(tmp_model, path)

@@ -18,7 +18,7 @@ import onnx
 from modelsqueeze import forms
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
-    atomic_write_bytes,
+    _umask,
     check_model,
     check_model_path,
     check_output,
@@ -172,15 +172,23 @@ def write_pair(
     graph = rendered(model, records)
     check_model(graph, out, full=True)
     data = encode_sidecar(list(records), graph_hash(graph))
-    # Both files are complete on disk before either is renamed into place.
+    # Both files are complete on disk before either is renamed into place. The old sidecar goes
+    # first, the new one last: a kill at any point leaves either a whole pair or a model alone
+    # (complete on its own: its native forms compute its weights), never a model beside a
+    # sidecar of another write (the graph hash, which leaves weights out, could not tell).
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
+        staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
-        atomic_write_bytes(side, data)
-        for extra in Path(tmp).iterdir():  # the model and, for huge models, its external data
-            if extra != staged:
-                os.replace(extra, out.parent / extra.name)
+        staged_side.write_bytes(data)
+        os.chmod(staged_side, 0o666 & ~_umask())
+        side.unlink(missing_ok=True)
+        extras = [e for e in Path(tmp).iterdir() if e not in (staged, staged_side)]  # external data of huge models
+        if extras:
+            out.unlink(missing_ok=True)  # never an old model reading new external data
+        for extra in extras:
+            os.replace(extra, out.parent / extra.name)
         os.replace(staged, out)
+        os.replace(staged_side, side)
     return out, side
 
 

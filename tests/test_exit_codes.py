@@ -398,7 +398,7 @@ def test_top_level(at):
 
 # --- bugs ------------------------------------------------------------------------------------------
 
-def test_BUG_a_newline_in_a_path_makes_the_error_two_lines(at):
+def test_a_newline_in_a_path_keeps_the_error_one_line(at):
     """handles_errors (cli.py) prints str(exc) as is: a file name holding a newline (a hostile path)
     splits the one error line in two, so a CI log line no longer carries the whole error."""
     result = invoke("eval", "a\nb.onnx", "--data", "d.npz")
@@ -406,7 +406,7 @@ def test_BUG_a_newline_in_a_path_makes_the_error_two_lines(at):
     assert result.stderr.count("\n") == 1, repr(result.stderr)
 
 
-def test_BUG_a_closed_stdout_exits_1_like_a_failed_check(processes):
+def test_a_closed_stdout_does_not_exit_1_like_a_failed_check(processes):
     """When the reader of stdout goes away (`modelsqueeze report m.onnx | head -1`), output printed
     with rich (the tables of report, eval, the transforming commands) ends in rich's
     Console.on_broken_pipe, which raises SystemExit(1) silently: the exit code of a failed check,
