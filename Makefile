@@ -110,13 +110,13 @@ sample-models: install
 	$(BIN)/pip install --quiet -e '.[dev,train]'
 	$(PY) sample_models/train.py
 
+# Benchmarks (never part of `make test`): every command at scale on synthetic 25M-parameter models
+# (time, peak RSS, params/s, ratio, the output run in onnxruntime), where the memory goes, and the
+# peer comparisons of the bench_*.py scripts; writes benchmarks/results/bench.json and bench.md.
+# `make bench BENCH_ARGS=--huge` adds the > 2 GiB external-data model; BENCH_ARGS=--quick is ~5 min.
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(PY) benchmarks/bench_sidecar.py
-	$(PY) benchmarks/bench_kmeans.py
-	$(PY) benchmarks/bench_quantize.py
-	$(PY) benchmarks/bench_huffman.py
-	$(PY) benchmarks/bench_svd_speed.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache .hypothesis .benchmarks $(VENV)
