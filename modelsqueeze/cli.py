@@ -12,6 +12,7 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import numpy as np
 import typer
+from google.protobuf.message import EncodeError
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -75,6 +76,10 @@ def handles_errors(command: Callable) -> Callable:
         except ModelSqueezeError as exc:
             err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except EncodeError:  # protobuf cannot serialize a message over 2 GB
+            err.print("[bold red]error:[/] the model is over protobuf's 2 GB limit once its weights are in memory; "
+                      "compressing models this large is not supported yet", highlight=False)
+            raise typer.Exit(2) from None
         except MemoryError:
             err.print("[bold red]error:[/] out of memory (the model, or a tensor it declares, is too large for this machine)",
                       highlight=False)

@@ -314,3 +314,18 @@ def test_the_output_does_not_depend_on_jobs(tmp_path, model, flags):
 
 def test_jobs_must_be_positive(tmp_path):
     assert "--jobs 0" in refused("cluster", LENET300, "-o", tmp_path / "o.onnx", "--bits", "4", "--jobs", "0")
+
+
+def test_a_model_too_large_for_protobuf_is_one_error_line(tmp_path, monkeypatch):
+    """Models over 2 GB cannot be serialized once their weights are in memory (protobuf's limit):
+    one error line, exit 2, not a traceback (compressing them is open work, see README)."""
+    from google.protobuf.message import EncodeError
+
+    from modelsqueeze import cli
+
+    def too_large(*args, **kwargs):
+        raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(cli, "run_steps", too_large)
+    assert "over protobuf's 2 GB limit" in refused("cluster", LENET300, "-o", tmp_path / "o.onnx", "--bits", "4")
+    assert not (tmp_path / "o.onnx").exists()
