@@ -119,20 +119,7 @@ SUBGRAPH_TEXT = """
 
 
 def test_subgraphs_constants_and_shared_initializers():
-    model = onnx.parser.parse_model(
-        """
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4] x, bool c) => (float[N, 3] y, float[N, 3] z) <float[4, 3] W = {1,2,3,4,5,6,7,8,9,10,11,12}> {
-          z = MatMul(x, W)
-          y = If(c) <then_branch = t () => (float[N, 3] o) { o = MatMul(x, W) },
-                     else_branch = e () => (float[N, 3] o2) <float[4, 3] W = {0,0,0,0,0,0,0,0,0,0,0,1}> {
-                       k = Constant<value = float[4, 3] {1,1,1,1,1,1,1,1,1,1,1,1}>()
-                       m = MatMul(x, W)
-                       n = MatMul(x, k)
-                       o2 = Add(m, n) }>
-        }
-        """
-    )
+    model = onnx.parser.parse_model(SUBGRAPH_TEXT)
     onnx.checker.check_model(model, full_check=True)
     found = weights_by_name(model)
     outer = found["W"]
