@@ -255,8 +255,8 @@ def peer_markdown(peer: dict) -> list[str]:
     command = " ".join(["python", f"benchmarks/{peer['script']}", *peer["args"]])
     lines += [f"`{command}`: {peer['seconds']:.0f} s, peak RSS {mib(peer['peak_rss_bytes'])} MiB", ""]
     for item in peer["items"]:
-        if "text" in item:
-            lines += [item["text"], ""]
+        if "text" in item:  # lines were joined with hard breaks; a lowercase start continues a wrapped line
+            lines += [re.sub(r"  \n(?=[a-z])", " ", item["text"]), ""]
             continue
         if item["title"]:
             lines += [f"**{item['title']}**", ""]
@@ -291,6 +291,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|",
         *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]],
         "",
+        *(["## Notes", "", *[f"- {n}" for n in report["notes"]], ""] if report.get("notes") else []),
         "## Every command at scale",
         "",
         "Each command is the real CLI in its own process (`python -m modelsqueeze CMD IN -o OUT ... --force --json "
@@ -364,7 +365,20 @@ def main() -> None:
     parser.add_argument("--no-phases", action="store_true", help="skip the memory-phase profile")
     parser.add_argument("--peer-timeout", type=float, default=1800.0)
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for bench.json and bench.md")
+    parser.add_argument("--render", type=Path, metavar="BENCH.json",
+                        help="only rewrite bench.md (in --out) from an earlier run's bench.json")
+    parser.add_argument("--note", action="append", default=[],
+                        help="with --render: add this note (e.g. a re-measurement) to the JSON and the Markdown")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        if args.note:
+            report["notes"] = report.get("notes", []) + args.note
+            args.render.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.md").write_text(markdown(report))
+        print(f"wrote {args.out / 'bench.md'}")
+        return
     flags = [f for f, on in (("--quick", args.quick), ("--huge", args.huge), ("--no-peers", args.no_peers),
                              ("--no-phases", args.no_phases)) if on]
     if not args.quick:
