@@ -35,7 +35,7 @@ from modelsqueeze.cli import (
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output
 from modelsqueeze.pack import load_pair, packed_bytes, packed_size, rendered
-from modelsqueeze.passes import Selection
+from modelsqueeze.passes import Selection, finite_number
 from modelsqueeze.pipeline import describe, run_steps
 from modelsqueeze.recipe import Recipe, Step, check_path_text, dump_recipe, parse_step_spec
 from modelsqueeze.validate import load_npz
@@ -169,16 +169,7 @@ def _parse_values(text: str) -> list[float]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise ModelSqueezeError(f"--values {text!r}: expected numbers separated by commas, e.g. 0.5,0.7,0.9")
-    numbers = []
-    for item in items:
-        try:
-            number = float(item)
-        except ValueError:
-            raise ModelSqueezeError(f"--values {text!r}: {item!r} is not a number") from None
-        if not math.isfinite(number):
-            raise ModelSqueezeError(f"--values {text!r}: {item!r} is not a finite number")
-        numbers.append(number)
-    return numbers
+    return [finite_number(item, f"--values {text!r}") for item in items]
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:

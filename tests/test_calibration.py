@@ -16,36 +16,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
+from cli_helpers import invoke, ok, refused
 from conftest import SAMPLES
-from modelsqueeze.cli import app
 from modelsqueeze.pack import load_pair
 
-runner = CliRunner()
 ERROR_NOTE = re.compile(r"^(?P<key>\S+): (?P<how>calibrated|sequential) output error "
                         r"(?P<before>[0-9.]+)% -> (?P<after>[0-9.]+)% of the layer's output energy$")
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def ok(*args) -> dict:
-    result = invoke(*args, "--json", "--quiet")
-    assert result.exit_code == 0, result.output + result.stderr
-    return json.loads(result.stdout)
 
 
-def refused(*args, code: int = 2) -> str:
-    result = invoke(*args)
-    assert result.exit_code == code, result.output + result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def build(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -3,44 +3,28 @@ steps in one call write exactly the files that one command per step writes."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from cli_helpers import invoke, ok, refused
 from conftest import SAMPLES
-from modelsqueeze.cli import app
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import find_weights
 from modelsqueeze.pack import load_pair, packed_size
 from modelsqueeze.recipe import Recipe, dump_recipe, load_recipe, make_step, parse_recipe, parse_step_spec
 
-runner = CliRunner()
 LENET300 = SAMPLES / "lenet300.onnx"
 LENET300_DATA = SAMPLES / "lenet300.npz"
 LENET5 = SAMPLES / "lenet5.onnx"
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def ok(*args) -> dict:
-    result = invoke(*args, "--json", "--quiet")
-    assert result.exit_code == 0, result.output + result.stderr
-    return json.loads(result.stdout)
 
 
-def refused(*args, code: int = 2) -> str:
-    result = invoke(*args)
-    assert result.exit_code == code, result.output + result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def same_files(a: Path, b: Path) -> None:

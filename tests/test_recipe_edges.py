@@ -9,30 +9,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import modelsqueeze.cli_sensitivity  # noqa: F401  (registers the sensitivity command)
 from modelsqueeze import plots
 from modelsqueeze import sensitivity as S
-from modelsqueeze.cli import app
+from cli_helpers import invoke, refused
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.recipe import Recipe, RecipeError, dump_recipe, load_recipe, make_step, parse_recipe, parse_step_spec
 
-runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def refused(*args, code: int = 2) -> str:
-    """The one stderr line of a refusal with exit `code` (no traceback)."""
-    result = invoke(*args)
-    assert result.exit_code == code, result.output + result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def files(folder: Path) -> set[str]:

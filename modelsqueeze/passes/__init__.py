@@ -129,6 +129,17 @@ def tensor_names(info: WeightInfo) -> list[str]:
     return names
 
 
+def finite_number(value: str, where: str) -> float:
+    """`value` as a finite float; otherwise a ModelSqueezeError starting with `where`."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ModelSqueezeError(f"{where}: {value!r} is not a number") from None
+    if not np.isfinite(number):
+        raise ModelSqueezeError(f"{where}: {value!r} is not a finite number")
+    return number
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """A value per tensor: a default and `glob=value` overrides, the first matching glob winning.
@@ -144,12 +155,7 @@ class LayerRule:
             if not item:
                 continue
             glob, sep, value = item.rpartition("=")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ModelSqueezeError(f"{option} {text!r}: {value!r} is not a number") from None
-            if not np.isfinite(number):
-                raise ModelSqueezeError(f"{option} {text!r}: {value!r} is not a finite number")
+            number = finite_number(value, f"{option} {text!r}")
             if sep:
                 if not glob:
                     raise ModelSqueezeError(f"{option} {text!r}: missing layer name before '='")
