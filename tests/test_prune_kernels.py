@@ -114,3 +114,148 @@ def test_selection_equals_a_stable_sort_of_all_magnitudes(values, sparsity):
     got = k.global_magnitude_masks(arrays, sparsity)
     for i, mask in enumerate(got):
         assert np.array_equal(mask, keep[bounds[i]:bounds[i + 1]])
+
+
+def stable_sort_masks(arrays, sparsity):
+    """Reference ranking: a stable argsort of every magnitude, widened to float64 (exact for
+    float16/32, so mixed dtypes compare by value; numpy sorts NaN last, all NaNs tied)."""
+    flat = np.concatenate([np.zeros(0)] + [np.abs(a).astype(np.float64).reshape(-1) for a in arrays])
+    n = int(round(sparsity * flat.size))
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(flat, kind="stable")[:n]] = False
+    bounds = np.cumsum([0] + [a.size for a in arrays])
+    return [keep[bounds[i]:bounds[i + 1]].reshape(a.shape) for i, a in enumerate(arrays)]
+
+
+def streamed_masks(arrays, sparsity, **options):
+    ranking = k.GlobalMagnitude([lambda a=a: a for a in arrays], sparsity, **options)
+    return [ranking.mask(i, a) for i, a in enumerate(arrays)]
+
+
+# Values that tie a lot and sit at the edges of the ranking, all exact in float16 so they tie
+# across dtypes too; plus any float of the tensor's own width (subnormals, NaN, infinities).
+edge_values = [0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 3.0, 2.0 ** -24, 65504.0, np.inf, -np.inf, np.nan]
+
+
+@st.composite
+def tensor(draw):
+    dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
+    width = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]
+    elements = st.one_of(st.sampled_from(edge_values), st.floats(width=width))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=6))
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(tensor(), min_size=0, max_size=5),
+       st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]), fractions),
+       st.integers(1, 8), st.sampled_from([0, 1, 4, k.COLLECT]))
+def test_streamed_selection_equals_a_stable_sort(arrays, sparsity, chunk, collect):
+    """GlobalMagnitude, in tiny chunks and with every selection path (four histogram passes when
+    collect is 0, gathering early otherwise), gives exactly the stable sort's masks, and leaves
+    the weights untouched."""
+    before = [a.copy() for a in arrays]
+    got = streamed_masks(arrays, sparsity, chunk=chunk, collect=collect)
+    for mask, want, a, b in zip(got, stable_sort_masks(arrays, sparsity), arrays, before):
+        assert mask.dtype == bool and mask.shape == a.shape and np.array_equal(mask, want)
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_tensors_larger_than_a_chunk():
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((300, 70)).astype(np.float32),
+              np.round(rng.standard_normal(5000), 1).astype(np.float16),  # many ties
+              rng.standard_normal((40, 50))]
+    arrays[0][::7] = 0.0
+    for sparsity in (0.0, 0.3, 0.5, 0.97, 1.0):
+        want = stable_sort_masks(arrays, sparsity)
+        for options in ({"chunk": 997, "collect": 0}, {"chunk": 1000, "collect": 500}, {}):
+            got = streamed_masks(arrays, sparsity, **options)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    got = k.global_magnitude_masks(arrays, 0.5)
+    assert all(np.array_equal(g, w) for g, w in zip(got, stable_sort_masks(arrays, 0.5)))
+
+
+def counted(arrays):
+    calls = [0] * len(arrays)
+
+    def loader(i):
+        def load():
+            calls[i] += 1
+            return arrays[i]
+        return load
+    return [loader(i) for i in range(len(arrays))], calls
+
+
+def test_loaders_are_called_a_bounded_number_of_times():
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (1000, 3000, 0, 500)]
+    arrays.append(np.full(50, 1e30, np.float32))  # far above any threshold: read once only
+    for sparsity, most in ((0.0, 1), (1.0, 1), (0.5, 2)):
+        loaders, calls = counted(arrays)
+        k.GlobalMagnitude(loaders, sparsity, chunk=256)
+        assert calls[2] == 1 and calls[4] == 1 and max(calls) == most  # one histogram, one gathering pass
+    loaders, calls = counted(arrays)
+    k.GlobalMagnitude(loaders, 0.5, chunk=256, collect=0)  # never gathers: a pass per 16 bits
+    assert max(calls) == 4 and calls[2] == 1 and calls[4] == 1
+
+
+def test_re_pruning_zeros_needs_one_pass():
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(1000), -np.zeros((4, 5)), rng.standard_normal(300)]
+    arrays[0][::2] = 0.0
+    for sparsity in (0.3, 0.39):  # no more than the 520 zeros of 1320 weights go
+        loaders, calls = counted(arrays)
+        ranking = k.GlobalMagnitude(loaders, sparsity, chunk=64)
+        assert calls == [1, 1, 1] and ranking.magnitude == 0.0 and ranking.ties == ranking.k
+        got = [ranking.mask(i, a) for i, a in enumerate(arrays)]
+        assert all(np.array_equal(g, w) for g, w in zip(got, stable_sort_masks(arrays, sparsity)))
+
+
+def test_threshold_magnitude():
+    arrays = [np.array([3.0, -1.0, 2.0], np.float32), np.array([np.nan, -0.5, np.nan], np.float16)]
+    assert k.GlobalMagnitude([lambda a=a: a for a in arrays], 0.4).magnitude == 1.0  # 2nd of 6
+    assert np.isnan(k.GlobalMagnitude([lambda a=a: a for a in arrays], 0.8).magnitude)  # 5th of 6
+    assert k.GlobalMagnitude([lambda a=a: a for a in arrays], 0.0).magnitude is None
+
+
+def test_masks_must_come_in_order_and_match_the_ranked_tensors():
+    arrays = [np.arange(4.0), np.arange(3.0)]
+    ranking = k.GlobalMagnitude([lambda a=a: a for a in arrays], 0.5)
+    with pytest.raises(ValueError):
+        ranking.mask(1, arrays[1])
+    ranking.mask(0, arrays[0])
+    with pytest.raises(ValueError):
+        ranking.mask(0, arrays[0])
+    with pytest.raises(ValueError):
+        ranking.mask(1, np.arange(5.0))  # not the tensor that was ranked
+    ranking.mask(1, arrays[1])
+    with pytest.raises(ValueError):
+        ranking.mask(2, arrays[1])
+    with pytest.raises(ValueError):
+        k.GlobalMagnitude([lambda: arrays[0]], 1.5)
+    with pytest.raises(ValueError):
+        k.GlobalMagnitude([lambda: arrays[0]], 0.5, chunk=0)
+
+
+def test_a_loader_returning_other_weights_is_caught():
+    versions = iter([np.full(10, 2.0), np.arange(10.0)])
+    with pytest.raises(RuntimeError):
+        k.GlobalMagnitude([lambda: next(versions)], 0.5)
+
+
+def test_nans_of_any_payload_or_sign_tie():
+    nans = np.array([0x7FF8_0000_0000_0007, 0xFFF8_0000_0000_0000, 0x7FF0_0000_0000_0001, 0x7FF8_0000_0000_0000],
+                    np.uint64).view(np.float64)
+    arrays = [np.array([1.0, np.inf]), nans, nans[::-1].copy()]
+    for sparsity in (0.4, 0.5, 0.7, 0.9):
+        for collect in (0, k.COLLECT):
+            got = streamed_masks(arrays, sparsity, chunk=3, collect=collect)
+            assert all(np.array_equal(g, w) for g, w in zip(got, stable_sort_masks(arrays, sparsity)))
+
+
+def test_magnitude_keys_order_like_magnitudes():
+    values = np.array([-np.inf, -3.0, -0.0, 0.0, 1e-310, 2.0, np.inf, np.nan, -np.nan], np.float64)
+    keys = k.magnitude_keys(values)
+    assert keys[2] == keys[3] == 0 and keys[7] == keys[8] > keys[0] == keys[6] > keys[1] > keys[5] > keys[4]
+    assert np.array_equal(k.magnitude_keys(values.astype(np.float16))[[1, 5, 6]], keys[[1, 5, 6]])
