@@ -385,7 +385,7 @@ def _transform(
     with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor), \
             parallel(jobs):
         final, records, outcomes = run_steps(inputs.pop("model"), inputs.pop("records"), steps, on_step, measure,
-                                             size_last=False)
+                                             size_last=False, release=True)
     if arrays is not None:
         before, after = summary["accuracy_before"], outcomes[-1].accuracy
         summary.update(accuracy_after=after, drop_pp=100 * (before - after))
@@ -784,7 +784,23 @@ def main() -> None:
 
     if hasattr(signal, "SIGPIPE"):  # `modelsqueeze report m.onnx | head -1`: end quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _return_freed_memory()
     app(prog_name="modelsqueeze")
+
+
+def _return_freed_memory() -> None:
+    """Tensors of 1 MiB or more get their own memory map from glibc's malloc, so freeing one gives
+    it back to the system at once. (glibc otherwise raises that limit to the largest block freed so
+    far, up to 32 MiB, and per-tensor temporaries then stay in the heap after use: ~10% more peak
+    memory on a 25M-parameter pipeline.) Other C libraries: nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

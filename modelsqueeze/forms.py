@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from modelsqueeze import store
 from modelsqueeze.kernels.quant import qrange
 from modelsqueeze.tensor import CompressedTensor
 
@@ -47,11 +48,15 @@ def remove(graph: onnx.GraphProto, name: str) -> None:
 
 
 def _dense(name: str, record: CompressedTensor) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    return [numpy_helper.from_array(record.decode(), name)], []
+    """The decoded tensor as an initializer; a big one is a stub that decodes the record when read."""
+    nbytes = record.n_params * np.dtype(record.dtype).itemsize
+    if nbytes < store.MIN_BYTES:
+        return [numpy_helper.from_array(record.decode(), name)], []
+    return [store.lazy_tensor(name, np.dtype(record.dtype), record.shape, store.Held(record.decode, nbytes))], []
 
 
 def _index_array(indices: np.ndarray, n_codes: int) -> np.ndarray:
-    return indices.astype(np.uint8 if n_codes <= 256 else np.uint16)
+    return indices.astype(np.uint8 if n_codes <= 256 else np.uint16, copy=False)
 
 
 def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, ...], codebook: np.ndarray,
@@ -72,10 +77,10 @@ def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, .
 
 def _gather(name: str, record: CompressedTensor) -> tuple[list, list]:
     """Every element as a code: pruned zeros get code 0 of a codebook with 0.0 prepended."""
-    codebook, indices = record.codebook, record.indices.astype(np.int64)
+    codebook, indices = record.codebook, record.indices
     if record.positions is not None:
-        codes = np.zeros(record.n_params, np.int64)
-        codes[record.positions] = indices + 1
+        codes = np.zeros(record.n_params, np.uint8 if codebook.size + 1 <= 256 else np.uint16)  # 1-2 bytes a weight
+        codes[record.positions] = indices.astype(codes.dtype) + codes.dtype.type(1)
         codebook, indices = np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes
     return _gathered(name, record, name, record.shape, codebook, indices)
 
@@ -148,7 +153,7 @@ def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[
 
 
 def _size(form: tuple[list, list]) -> int:
-    return sum(t.ByteSize() for t in form[0]) + sum(n.ByteSize() for n in form[1])
+    return sum(store.inline_size(t) for t in form[0]) + sum(n.ByteSize() for n in form[1])
 
 
 def choose(name: str, record: CompressedTensor, model_opset: int, dense: bool = False):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import mmap
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,8 +21,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
 
+from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with some headroom.
@@ -103,7 +105,7 @@ class WeightInfo:
     def array(self) -> np.ndarray:
         if isinstance(self.proto, onnx.SparseTensorProto):
             return sparse_to_dense(self.proto)
-        return numpy_helper.to_array(self.proto)
+        return store.to_array(self.proto)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,22 +148,79 @@ def parse_model(data: bytes, source: Path) -> onnx.ModelProto:
 
 
 def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
-    """Load a model and its external data (which must lie inside the model's folder)."""
+    """Load a model; its external data (which must lie inside the model's folder) and the data of
+    its big initializers stay on disk, read tensor by tensor when asked (see `store`)."""
     path = Path(path)
     key = _disk_key(path) if path.is_file() else None
-    model = parse_model(read_model_bytes(path), path)
-    external = [t for t in iter_all_tensors(model) if uses_external_data(t)]
+    model = _parse_lazily(path)
+    external = [t for t in iter_all_tensors(model) if uses_external_data(t) and not store.is_stub(t)]
     if key is not None:
         _FILE_BYTES[key] = _file_bytes(path, external)
     if external:
         base = path.resolve().parent
         for tensor in external:
             check_external_location(tensor, base, path)
-        load_external_data_for_model(model, str(base))
+        _external_to_stubs(model, external, base, path)
     if check:
         check_model(model, path)
     check_tensor_sizes(model, path)
     return model
+
+
+def _parse_lazily(path: Path) -> onnx.ModelProto:
+    """Parse the model file without copying its main graph's big raw_data into the protobuf: those
+    initializers become stubs reading their bytes from the file."""
+    check_model_path(path)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            split = store.split_model_bytes(view)
+    except (OSError, ValueError):
+        split = None
+    if split is None:
+        return parse_model(read_model_bytes(path), path)
+    data, taken = split
+    model = parse_model(data, path)
+    absolute = path.resolve()
+    for index, offset, length in taken:
+        tensor = model.graph.initializer[index]
+        if _expected_bytes(tensor) == length and tensor.data_type in _LAZY_TYPES:
+            store.make_stub(tensor, store.FileRange(absolute, offset, length))
+        else:  # an odd type or a wrong length: held inline, as the file has it (and checked as such)
+            store.make_stub(tensor, store.FileRange(absolute, offset, length))
+            store.materialize(tensor)
+    return model
+
+
+_LAZY_TYPES = {getattr(onnx.TensorProto, t) for t in ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", "INT8", "INT16",
+                                                       "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")}
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    if any(d < 0 for d in tensor.dims):
+        return None
+    try:
+        return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _external_to_stubs(model: onnx.ModelProto, external: list[onnx.TensorProto], base: Path, source: Path) -> None:
+    """External data (already checked to lie inside the model's folder) becomes stubs reading it."""
+    for tensor in external:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        target = (base / info["location"]).resolve()
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+        want = _expected_bytes(tensor)
+        if tensor.data_type not in _LAZY_TYPES or want is None:
+            raise ModelSqueezeError(f"{source}: tensor {tensor.name!r}: external data of type "
+                                    f"{onnx.TensorProto.DataType.Name(tensor.data_type)} is not supported")
+        if length != want:
+            raise ModelSqueezeError(
+                f"{source}: invalid ONNX model: tensor {tensor.name!r} holds {length} bytes of external data, "
+                f"its dims {list(tensor.dims)} declare {want}"
+            )
+        store.make_stub(tensor, store.FileRange(target, offset, length))
 
 
 _FOUR_BIT_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
@@ -200,13 +259,34 @@ def check_tensor_sizes(model: onnx.ModelProto, source: Path | str) -> None:
 def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) -> None:
     """onnx.checker, with its long message cut to the line that says what is wrong."""
     try:
-        if tensor_bytes(model) < PROTOBUF_LIMIT_BYTES:
+        if store.has_stubs(model):
+            _check_with_stubs(model, full)
+        elif tensor_bytes(model) < PROTOBUF_LIMIT_BYTES:
             onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid")
         raise ModelSqueezeError(f"{source}: invalid ONNX model: {first}") from None
     except UnicodeDecodeError:
         raise ModelSqueezeError(f"{source}: invalid ONNX model: a name or string is not valid UTF-8") from None
+
+
+def _check_with_stubs(model: onnx.ModelProto, full: bool) -> None:
+    """onnx.checker on a model whose big weights are stubs: they are shown to it as external data
+    in a sparse file (nothing read, nothing in memory); it resolves them from the working folder."""
+    with tempfile.TemporaryDirectory(prefix="modelsqueeze-check-") as folder:
+        checked = store.checkable(model, folder)
+        if sum(store.stored_bytes(t) for t in iter_all_tensors(checked) if not uses_external_data(t)) >= PROTOBUF_LIMIT_BYTES:
+            return
+        with _CWD_LOCK:
+            cwd = os.getcwd()
+            os.chdir(folder)
+            try:
+                onnx.checker.check_model(checked, full_check=full)
+            finally:
+                os.chdir(cwd)
+
+
+_CWD_LOCK = threading.RLock()
 
 
 # Bytes on disk of models already parsed, by (path, mtime, size): `model_file_bytes` of a model this
@@ -437,13 +517,9 @@ def select_weights(
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data held in the proto (raw and typed fields), without serialising it."""
-    total = 0
-    for t in iter_all_tensors(model):
-        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (
-            len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
-        )
-    return total
+    """Bytes of tensor data the model holds (raw and typed fields, stubs' sources), without
+    serialising it."""
+    return sum(store.stored_bytes(t) for t in iter_all_tensors(model))
 
 
 def graph_hash(model: onnx.ModelProto) -> bytes:
@@ -527,38 +603,50 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def model_to_bytes(model: onnx.ModelProto) -> bytes:
-    return model.SerializeToString(deterministic=True)
+    """The serialized model, stubs resolved (so: the whole model in memory; writers of big models
+    use `save_model`, which streams)."""
+    return store.resolved(model).SerializeToString(deterministic=True)
 
 
 def save_model(
-    model: onnx.ModelProto, path: Path, limit_bytes: int = PROTOBUF_LIMIT_BYTES, inline_below_bytes: int = 1024
+    model: onnx.ModelProto, path: Path, limit_bytes: int | None = None, inline_below_bytes: int = 1024
 ) -> None:
     """Write atomically. A model too big for one protobuf keeps its tensors of `inline_below_bytes`
-    or more in `NAME.data` beside it."""
+    or more in `NAME.data` beside it, written tensor by tensor (never all in memory)."""
     path = Path(path)
-    if tensor_bytes(model) < limit_bytes:
+    if tensor_bytes(model) < (PROTOBUF_LIMIT_BYTES if limit_bytes is None else limit_bytes):
         atomic_write_bytes(path, model_to_bytes(model))
         return
     data_name = f"{path.name}.data"
+    if (path.parent / data_name).resolve() in store.files(model):
+        raise ModelSqueezeError(f"{path}: its data file {data_name} is the input's external data; choose another output name")
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
-        tmp_dir = os.path.abspath(tmp_dir)
-        tmp_model = Path(tmp_dir) / path.name
-        cwd = os.getcwd()
-        os.chdir(tmp_dir)  # onnx refuses a data file that exists relative to the working directory
-        try:
-            onnx.save_model(
-                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=inline_below_bytes,
-            )
-        finally:
-            os.chdir(cwd)
-        staged_data = Path(tmp_dir) / data_name
-        for staged in (tmp_model, staged_data):
-            if staged.exists():
-                os.chmod(staged, 0o666 & ~_umask())
-        if staged_data.exists():
-            # The old model goes before the new data arrives: a kill never leaves an old model
-            # reading a new data file (at worst, no model at the destination).
-            path.unlink(missing_ok=True)
-            os.replace(staged_data, path.parent / data_name)
-        os.replace(tmp_model, path)
+        staged, staged_data = Path(tmp_dir) / path.name, Path(tmp_dir) / data_name
+        bare = onnx.ModelProto()
+        bare.CopyFrom(model)  # stubs and small tensors: cheap
+        with open(staged_data, "wb") as data:
+            for graph in store.iter_graphs(bare.graph):
+                for tensor in graph.initializer:
+                    if store.stored_bytes(tensor) < inline_below_bytes or tensor.data_type == onnx.TensorProto.STRING:
+                        if store.is_stub(tensor):
+                            store.materialize(tensor)
+                        continue
+                    raw = store.raw_bytes(tensor)
+                    offset = data.tell()
+                    data.write(memoryview(raw))
+                    del raw
+                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                        tensor.ClearField(field)
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, value
+        staged.write_bytes(bare.SerializeToString(deterministic=True))
+        for done in (staged, staged_data):
+            os.chmod(done, 0o666 & ~_umask())
+        # The old model goes before the new data arrives: a kill never leaves an old model
+        # reading a new data file (at worst, no model at the destination).
+        path.unlink(missing_ok=True)
+        os.replace(staged_data, path.parent / data_name)
+        os.replace(staged, path)

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 
-from modelsqueeze import forms
+from modelsqueeze import forms, store
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
     _umask,
@@ -29,7 +29,7 @@ from modelsqueeze.model import (
     model_to_bytes,
     save_model,
 )
-from modelsqueeze.sidecar import Sidecar, decode_sidecar, encode_sidecar, read_sidecar
+from modelsqueeze.sidecar import Sidecar, decode_sidecar, encode_sidecar, read_sidecar, sidecar_size
 from modelsqueeze.tensor import CompressedTensor
 
 SIDECAR_SUFFIX = ".msq"
@@ -69,9 +69,18 @@ def _graph_for_key(model: onnx.ModelProto, key: str) -> tuple[onnx.GraphProto, s
 
 
 def put_array(model: onnx.ModelProto, key: str, array: np.ndarray) -> None:
-    """Make a plain dense `array` the value of `key` in its graph (replacing any form of it)."""
+    """Make a plain dense `array` the value of `key` in its graph (replacing any form of it). A big
+    value is held out of the protobuf (a copy, so later edits of `array` do not reach it)."""
     graph, name = _graph_for_key(model, key)
-    forms.emit(graph, name, CompressedTensor.raw(name, np.ascontiguousarray(array)), forms.opset(model), dense=True)
+    array = np.array(array, order="C", copy=True)
+    forms.emit(graph, name, CompressedTensor.raw(name, array), forms.opset(model), dense=True)
+
+
+def put_record(model: onnx.ModelProto, key: str, record: CompressedTensor) -> None:
+    """Make `record`'s decoded value the value of `key`: held as the record itself (compact),
+    decoded whenever it is read."""
+    graph, name = _graph_for_key(model, key)
+    forms.emit(graph, name, record, forms.opset(model), dense=True)
 
 
 def render(model: onnx.ModelProto, records: Iterable[CompressedTensor], dense: bool = False) -> None:
@@ -106,22 +115,28 @@ def _varint_bytes(n: int) -> int:
 
 
 def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> int:
-    """len(model_to_bytes(skeleton(model, records))), without copying the model: protobuf sizes
-    are computed (ByteSize) and the deleted initializers' entries subtracted. Records inside
-    subgraphs fall back to building the skeleton."""
+    """len(model_to_bytes(skeleton(model, records))), without copying or resolving the model:
+    protobuf sizes are computed (ByteSize), the deleted initializers' entries subtracted and each
+    stub counted at the size its data gives it. Records inside subgraphs fall back to building
+    the skeleton."""
     names = [record.name for record in records]
-    if any(_graph_for_key(model, name)[0] is not model.graph for name in names):
+    if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or any(
+        store.has_stubs_below(model.graph)
+    ):
         return len(model_to_bytes(skeleton(model, records)))
     owned = set(names)
     graph = model.graph
-    dropped = 0
+    old = graph.ByteSize()
+    new = old
     for tensor in graph.initializer:
         base = tensor.name.split(forms.AUX, 1)[0]
+        n = tensor.ByteSize()
+        entry = 1 + _varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
         if base in owned and forms.owns_initializer(base, tensor.name):
-            n = tensor.ByteSize()
-            dropped += 1 + _varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
-    old = graph.ByteSize()
-    new = old - dropped
+            new -= entry
+        elif store.is_stub(tensor):
+            real = store.inline_size(tensor)
+            new += 1 + _varint_bytes(real) + real - entry
     return model.ByteSize() - _varint_bytes(old) - old + _varint_bytes(new) + new  # ModelProto.graph: field 7
 
 
@@ -135,7 +150,7 @@ def packed_size(pair: "Pair") -> int:
 def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor]) -> int:
     """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it
     (the sidecar's length does not depend on the graph hash it carries)."""
-    return skeleton_size(model, records) + len(encode_sidecar(list(records), bytes(32)))
+    return skeleton_size(model, records) + sidecar_size(records)
 
 
 def round_trip(
@@ -147,10 +162,8 @@ def round_trip(
     graph = rendered(model, records.values())
     check_model(graph, source, full=True)
     car = decode_sidecar(encode_sidecar(list(records.values()), graph_hash(graph)), source)
-    logical = onnx.ModelProto()
-    logical.ParseFromString(model_to_bytes(graph))
-    render(logical, car.records.values(), dense=True)
-    return logical, dict(car.records)
+    render(graph, car.records.values(), dense=True)  # the copy becomes the logical model
+    return graph, dict(car.records)
 
 
 def write_pair(
@@ -169,6 +182,8 @@ def write_pair(
     inputs = [Path(p) for p in inputs]
     for target in (out, side):
         check_output(target, force, inputs + [sidecar_path(p) for p in inputs])
+    if (out.parent / f"{out.name}.data").resolve() in store.files(model):
+        raise ModelSqueezeError(f"{out}: its data file {out.name}.data is the input's external data; choose another output name")
     graph = rendered(model, records)
     check_model(graph, out, full=True)
     data = encode_sidecar(list(records), graph_hash(graph))

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import onnx
 
+from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.pack import packed_bytes, rendered, round_trip
 from modelsqueeze.recipe import Step
@@ -40,11 +41,13 @@ def run_steps(
     on_step: Callable[[int, Step], None] | None = None,
     measure: Callable[[onnx.ModelProto], float] | None = None,
     size_last: bool = True,
+    release: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, CompressedTensor], list[StepOutcome]]:
     """Apply `steps` in order to the logical `model` with its `records`. `on_step(i, step)` is
     called before each; `measure(rendered_graph)` (accuracy) after each when given. The packed size
 after the last step is left None unless `size_last` (a caller that writes the pair measures the
-file instead). A failing step
+file instead). With `release`, values held in memory for models other than the current one are
+forgotten after each step (the caller keeps no other model of this run). A failing step
     raises a ModelSqueezeError naming it and the steps that ran before it."""
     outcomes: list[StepOutcome] = []
     written, written_records = model, records
@@ -69,4 +72,6 @@ file instead). A failing step
         if last:
             written, written_records = result.model, result.records
         del result
+        if release:
+            store.retain(model, written)
     return written, written_records, outcomes

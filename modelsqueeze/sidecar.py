@@ -152,6 +152,11 @@ def record_size(record: CompressedTensor) -> int:
     return sum(len(chunk) for chunk in _encode_record(record))
 
 
+def sidecar_size(records: Sequence[CompressedTensor]) -> int:
+    """len(encode_sidecar(records, ...)), without building it."""
+    return HEADER_BYTES + sum(record_size(record) for record in records)
+
+
 def encode_sidecar(records: Sequence[CompressedTensor], graph_hash: bytes) -> bytes:
     """The sidecar holding `records` in order, bound to the graph whose SHA-256 is `graph_hash`.
 

@@ -14,7 +14,8 @@ import onnx
 import onnxruntime as ort
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.model import PROTOBUF_LIMIT_BYTES, model_to_bytes, save_model, tensor_bytes
+from modelsqueeze import model as _model
+from modelsqueeze.model import model_to_bytes, save_model, tensor_bytes
 
 BATCH_SIZE = 256
 
@@ -50,7 +51,7 @@ class Runner:
         options.log_severity_level = 3
         options.intra_op_num_threads = 2
         source: bytes | str
-        if tensor_bytes(model) < PROTOBUF_LIMIT_BYTES:
+        if tensor_bytes(model) < _model.PROTOBUF_LIMIT_BYTES:
             source = model_to_bytes(model)
         else:  # too big for one protobuf: hand onnxruntime a file with external data
             self._tmp = tempfile.TemporaryDirectory(prefix="modelsqueeze-")

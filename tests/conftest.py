@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from modelsqueeze import store
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -54,7 +55,7 @@ def mlp_data(tmp_path: Path) -> Path:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 4)).astype(np.float32)
     model = make_mlp()
-    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    w = {t.name: store.to_array(t) for t in model.graph.initializer}
     logits = np.maximum(x @ w["fc1_w"].T + w["fc1_b"], 0) @ w["fc2_w"] + w["fc2_b"]
     y = logits.argmax(1)
     y[40:] = (y[40:] + 1) % 3

@@ -17,6 +17,8 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import find_weights
 
 from conftest import SAMPLES
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 
@@ -37,7 +39,7 @@ def run(model: onnx.ModelProto, feeds: dict, outputs: list[str] | None = None) -
         del copy.graph.output[:]
         copy.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs)
         model = copy
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_to_bytes(model), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
@@ -48,7 +50,7 @@ def view_of(model: onnx.ModelProto, key: str) -> LayerView:
 
 
 def weight(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+    return next(store.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
 def gram(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
@@ -339,7 +341,7 @@ def test_capture_pair_cross_term_and_refit(lenet300):
     current = onnx.ModelProto()
     current.CopyFrom(reference)
     w1 = next(t for t in current.graph.initializer if t.name == "fc1.weight")
-    noisy = numpy_helper.to_array(w1) + np.random.default_rng(6).normal(0, 0.02, tuple(w1.dims)).astype(np.float32)
+    noisy = store.to_array(w1) + np.random.default_rng(6).normal(0, 0.02, tuple(w1.dims)).astype(np.float32)
     w1.CopyFrom(numpy_helper.from_array(noisy, "fc1.weight"))
     view = view_of(reference, "fc2.weight")
     got = capture_pair(reference, current, {"x": x}, [view])["fc2.weight"]

@@ -20,6 +20,8 @@ from onnx import numpy_helper
 from cli_helpers import invoke, ok, refused
 from conftest import SAMPLES
 from modelsqueeze.pack import load_pair
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 ERROR_NOTE = re.compile(r"^(?P<key>\S+): (?P<how>calibrated|sequential) output error "
                         r"(?P<before>[0-9.]+)% -> (?P<after>[0-9.]+)% of the layer's output energy$")
@@ -59,7 +61,7 @@ def error(path: Path, reference: Path, x: np.ndarray) -> float:
 
 def weights_of(path: Path) -> dict[str, np.ndarray]:
     """The logical weights of a written pair (sidecar records decoded)."""
-    return {t.name: numpy_helper.to_array(t) for t in load_pair(path).model.graph.initializer}
+    return {t.name: store.to_array(t) for t in load_pair(path).model.graph.initializer}
 
 
 def records_of(path: Path) -> dict:
@@ -229,7 +231,7 @@ def test_calibrated_output_error_is_lower_than_data_free_at_the_same_size(tmp_pa
 def test_prune_sparsity_zero_with_calibration_leaves_weights_bit_exact(tmp_path, form):
     model, calib, _ = form_case(tmp_path, form)
     ok("prune", model, "-o", tmp_path / "p.onnx", "--sparsity", "0", "--calibration", calib)
-    original = {t.name: numpy_helper.to_array(t) for t in onnx.load_model(str(model)).graph.initializer}
+    original = {t.name: store.to_array(t) for t in onnx.load_model(str(model)).graph.initializer}
     after = weights_of(tmp_path / "p.onnx")
     np.testing.assert_array_equal(after["w"], original["w"])
     assert after["w"].tobytes() == original["w"].tobytes()
@@ -804,8 +806,8 @@ def test_notes_on_lenet300_quantize_match_the_measured_layer_errors(tmp_path):
     probe.graph.output.append(onnx.helper.make_tensor_value_info("relu2", onnx.TensorProto.FLOAT, None))
     with np.load(calib) as data:
         x = data["x"]
-    relu2 = ort.InferenceSession(probe.SerializeToString()).run(["relu2"], {"x": x})[0].astype(np.float64)
-    w = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}["fc3.weight"].astype(np.float64)
+    relu2 = ort.InferenceSession(model_to_bytes(probe)).run(["relu2"], {"x": x})[0].astype(np.float64)
+    w = {t.name: store.to_array(t) for t in original.graph.initializer}["fc3.weight"].astype(np.float64)
     w2 = weights_of(out)["fc3.weight"].astype(np.float64)
     measured = np.sum((relu2 @ (w2 - w).T) ** 2) / np.sum((relu2 @ w.T) ** 2)
     assert 100 * measured == pytest.approx(notes["fc3.weight"][2], abs=0.01)

@@ -21,6 +21,8 @@ from modelsqueeze.pack import write_pair
 from modelsqueeze.tensor import CompressedTensor
 
 from conftest import ROOT, make_mlp
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 runner = CliRunner()
 
@@ -37,14 +39,14 @@ def ok_json(*args: str) -> dict:
 
 def run_model(path_or_model, x: np.ndarray) -> np.ndarray:
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load_model(str(path_or_model))
-    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    return ort.InferenceSession(model_to_bytes(model)).run(None, {"x": x})[0]
 
 
 def perturbed_mlp(path: Path, scale: float) -> Path:
     model = make_mlp()
     rng = np.random.default_rng(7)
     for tensor in model.graph.initializer:
-        array = numpy_helper.to_array(tensor)
+        array = store.to_array(tensor)
         tensor.CopyFrom(numpy_helper.from_array(array + scale * rng.standard_normal(array.shape).astype(np.float32), tensor.name))
     onnx.save_model(model, str(path))
     return path
@@ -53,14 +55,14 @@ def perturbed_mlp(path: Path, scale: float) -> Path:
 def clustered_pair(folder: Path) -> tuple[Path, Path]:
     """A compressed pair written through the API: fc1_w as a sparse 2-bit codebook, fc2_w raw."""
     model = make_mlp()
-    fc1 = numpy_helper.to_array(model.graph.initializer[0])
+    fc1 = store.to_array(model.graph.initializer[0])
     positions = np.flatnonzero(np.abs(fc1.reshape(-1)) > 0.5)
     codebook = np.array([-1.0, -0.6, 0.6, 1.0], np.float32)
     values = fc1.reshape(-1)[positions]
     indices = np.abs(values[:, None] - codebook[None, :]).argmin(1).astype(np.uint8)
     records = [
         CompressedTensor("fc1_w", fc1.shape, "float32", codebook=codebook, indices=indices, index_bits=2, positions=positions),
-        CompressedTensor.raw("fc2_w", numpy_helper.to_array(model.graph.initializer[2])),
+        CompressedTensor.raw("fc2_w", store.to_array(model.graph.initializer[2])),
     ]
     return write_pair(model, records, folder / "small.onnx")
 
@@ -150,7 +152,7 @@ def test_report_pair_counts_skeleton_plus_sidecar(tmp_path, mlp_path):
     model = onnx.load_model(str(out))
     for name in ("fc1_w", "fc2_w"):
         model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == name))
-    assert data["packed_bytes"] == len(model.SerializeToString()) + side.stat().st_size
+    assert data["packed_bytes"] == len(model_to_bytes(model)) + side.stat().st_size
     assert data["ratio"] == pytest.approx(mlp_path.stat().st_size / data["packed_bytes"])
     assert data["sidecar_bytes"] == side.stat().st_size
 
@@ -262,7 +264,7 @@ def _bad_inputs(tmp_path: Path, mlp_path: Path) -> dict[str, Path]:
         for entry in t.external_data:
             if entry.key == "location":
                 entry.value = "../w.bin"
-    (esc / "m.onnx").write_bytes(model.SerializeToString())
+    (esc / "m.onnx").write_bytes(model_to_bytes(model))
     cases["external data escaping"] = esc / "m.onnx"
     return cases
 

@@ -21,6 +21,7 @@ from modelsqueeze.sidecar import encode_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
 from conftest import make_mlp
+from modelsqueeze import store
 
 runner = CliRunner()
 
@@ -57,7 +58,7 @@ def test_the_sidecar_wins_over_stale_weights_in_the_graph(tmp_path, mlp_path, ml
     assert invoke("unpack", stale / "m.onnx", "-o", tmp_path / "d.onnx").exit_code == 0
     dense = onnx.load_model(str(tmp_path / "d.onnx"))
     fc1 = next(t for t in dense.graph.initializer if t.name == "fc1_w")
-    assert not numpy_helper.to_array(fc1).any()
+    assert not store.to_array(fc1).any()
 
 
 def test_markup_in_paths_and_names_is_printed_verbatim(tmp_path, mlp_path):

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from modelsqueeze.cli import app
 
 from conftest import make_mlp
+from modelsqueeze import store
 
 runner = CliRunner()
 
@@ -39,7 +40,7 @@ def folder(tmp_path_factory) -> Path:
     onnx.save_model(make_mlp(), str(d / "mlp.onnx"))
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 4)).astype(np.float32)
-    w = {t.name: onnx.numpy_helper.to_array(t) for t in make_mlp().graph.initializer}
+    w = {t.name: store.to_array(t) for t in make_mlp().graph.initializer}
     y = (np.maximum(x @ w["fc1_w"].T + w["fc1_b"], 0) @ w["fc2_w"] + w["fc2_b"]).argmax(1)
     y[40:] = (y[40:] + 1) % 3
     np.savez(d / "d.npz", x=x, y=y)

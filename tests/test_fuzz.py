@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 from modelsqueeze.cli import app
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import graph_hash, load_model
@@ -112,7 +114,7 @@ def dense_records(car) -> dict[str, np.ndarray]:
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: store.to_array(t) for t in model.graph.initializer}
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -591,7 +593,7 @@ def test_a_tensor_whose_dims_disagree_with_its_data_is_one_error(tmp_path, label
     """Refused (by onnx.checker or check_tensor_sizes) before any weight is read, in every command
     and in load_pair."""
     path = tmp_path / "m.onnx"
-    path.write_bytes(lenet300_with(change).SerializeToString())
+    path.write_bytes(model_to_bytes(lenet300_with(change)))
     with pytest.raises(ModelSqueezeError, match=expected):
         load_pair(path)
     for args in (["report", path], ["prune", path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5"],
@@ -713,7 +715,7 @@ def non_finite_models(corpus) -> dict[str, Path]:
     paths = {}
     for kind, value in (("nan", np.nan), ("inf", np.inf)):
         model = onnx.load_model(str(LENET300))
-        w = numpy_helper.to_array(model.graph.initializer[4]).copy()
+        w = store.to_array(model.graph.initializer[4]).copy()
         w[0, :3] = value
         w[1, 5] = -value
         model.graph.initializer[4].CopyFrom(numpy_helper.from_array(w, "fc3.weight"))

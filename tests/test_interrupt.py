@@ -32,6 +32,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 import modelsqueeze.model
+from modelsqueeze import store
 from modelsqueeze.cli import app
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import graph_hash, load_model, save_model
@@ -105,7 +106,7 @@ def hidden(folder: Path) -> list[str]:
 
 
 def logical_weights(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in load_pair(path).model.graph.initializer}
+    return {t.name: store.to_array(t) for t in load_pair(path).model.graph.initializer}
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _retrained(path: Path) -> None:
     """LeNet-5 with other weights and biases: the same graph, as after retraining."""
     model = onnx.load_model(str(SAMPLES / "lenet5.onnx"))
     for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
+        a = store.to_array(t)
         t.CopyFrom(numpy_helper.from_array((a + 0.5 if a.ndim == 1 else a * 1.1).astype(a.dtype), t.name))
     onnx.save_model(model, str(path))
 

@@ -24,6 +24,8 @@ from modelsqueeze.model import (
 from modelsqueeze.pack import put_array
 
 from conftest import make_mlp
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 
 def weights_by_name(model):
@@ -216,14 +218,14 @@ def _set_location(path: Path, location: str) -> None:
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = location
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(model_to_bytes(model))
 
 
 def test_external_data_loads_relative_to_the_model_folder(tmp_path, monkeypatch):
     path = _save_external(make_mlp(), tmp_path / "m")
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     loaded = load_model(path)
-    expect = {t.name: numpy_helper.to_array(t) for t in make_mlp().graph.initializer}
+    expect = {t.name: store.to_array(t) for t in make_mlp().graph.initializer}
     for w in find_weights(loaded):
         assert np.array_equal(w.array(), expect[w.name])
 
@@ -271,7 +273,7 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, mlp):
     out = tmp_path / "out.onnx"
     save_model(mlp, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
-    assert load_model(out).SerializeToString() == mlp.SerializeToString()
+    assert model_to_bytes(load_model(out)) == model_to_bytes(mlp)
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, mlp, monkeypatch):
@@ -295,5 +297,5 @@ def test_models_over_the_protobuf_limit_keep_external_data(tmp_path, mlp):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     loaded = load_model(out)
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    run = lambda m: ort.InferenceSession(model_to_bytes(m)).run(None, {"x": x})[0]
     assert np.array_equal(run(loaded), run(make_mlp()))

@@ -18,6 +18,7 @@ from modelsqueeze.model import find_weights
 from modelsqueeze.pack import load_pair
 
 from conftest import SAMPLES
+from modelsqueeze.model import model_to_bytes
 
 runner = CliRunner()
 
@@ -34,7 +35,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
 
 def run(path_or_model, feeds: dict) -> list[np.ndarray]:
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load_model(str(path_or_model))
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return ort.InferenceSession(model_to_bytes(model), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

@@ -27,6 +27,8 @@ from modelsqueeze.sidecar import decode_sidecar, encode_sidecar, read_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
 from conftest import SAMPLES, make_mlp
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 runner = CliRunner()
 LENET5 = SAMPLES / "lenet5.onnx"
@@ -118,7 +120,7 @@ def test_bad_quant_records():
 
 
 def run(model_or_path, feeds: dict) -> np.ndarray:
-    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    source = model_to_bytes(model_or_path) if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
@@ -239,7 +241,7 @@ def test_denormal_ranges_keep_a_positive_float32_scale():
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: store.to_array(t) for t in model.graph.initializer}
 
 
 def _same_records(a: CompressedTensor, b: CompressedTensor) -> bool:
@@ -294,7 +296,7 @@ def test_int_bits_equal_a_layer_rule_default(bits, granularity):
     for name in a.changed:
         assert a.records[name].index_bits == bits
         assert _same_records(a.records[name], b.records[name])
-    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert model_to_bytes(a.model) == model_to_bytes(b.model)
 
 
 def test_default_bits_and_needed_opset():

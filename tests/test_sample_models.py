@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from modelsqueeze.model import model_to_bytes
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 # model name -> (input name, accuracy floor that shows it learned)
@@ -44,7 +45,7 @@ def test_sample_model_accuracy(name, recorded):
     assert calib.files == [input_name]
     assert calib[input_name].shape[1:] == data[input_name].shape[1:]
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_to_bytes(model), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {input_name: data[input_name]})
     assert logits.shape == (len(data["y"]), 10)
     accuracy = float(np.mean(logits.argmax(axis=1) == data["y"]))

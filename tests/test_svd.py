@@ -24,6 +24,8 @@ from modelsqueeze.passes.quantize import QuantizeConfig, quantize
 from modelsqueeze.passes.svd import SvdConfig, svd
 
 from conftest import SAMPLES
+from modelsqueeze import store
+from modelsqueeze.model import model_to_bytes
 
 LENET300 = SAMPLES / "lenet300.onnx"
 LENET5 = SAMPLES / "lenet5.onnx"
@@ -48,7 +50,7 @@ def with_arrays(text: str, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_to_bytes(model), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
@@ -60,7 +62,7 @@ def written(tmp_path: Path, result, name: str = "out.onnx"):
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: store.to_array(t) for t in model.graph.initializer}
 
 
 def singular_values(w: np.ndarray) -> np.ndarray:
@@ -435,7 +437,7 @@ def test_same_input_same_output_bytes(tmp_path):
     src = load_pair(LENET5)
     config = SvdConfig(energy=rule("0.8"))
     a, b = (svd(src.model, src.records, config) for _ in range(2))
-    assert a.model.SerializeToString() == b.model.SerializeToString() and a.notes == b.notes
+    assert model_to_bytes(a.model) == model_to_bytes(b.model) and a.notes == b.notes
 
 
 def test_stale_value_info_is_cleared():

@@ -24,7 +24,7 @@ MAX_ALPHABET = 1 << 16
 # Chunk offsets cost 32 bits each: keep them under ~0.2% of the coded bits, and chunks >= 64 symbols.
 _OFFSET_SHARE = 0.002
 _MIN_CHUNK = 64
-_ENCODE_BATCH = 1 << 20  # symbols expanded to bits at a time (bounds memory)
+_ENCODE_BATCH = 1 << 16  # symbols expanded to bits at a time (bounds memory: ~100 bytes per symbol)
 
 
 def code_lengths(counts: np.ndarray, max_bits: int = MAX_CODE_BITS) -> np.ndarray:
@@ -107,23 +107,33 @@ def encode_symbols(symbols: np.ndarray, alphabet: int | None = None) -> tuple[by
     if np.count_nonzero(counts) == 1:  # one distinct symbol: the table says it all, no bits, no chunks
         return struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<II", 0, 0), n
     codes = canonical_codes(lengths)
-    sym_len = lengths[symbols] if n else np.zeros(0, np.int64)
-    coded_bits = int(sym_len.sum())
-    chunk = _chunking(n, coded_bits) if n else 1
-    starts = np.concatenate([[0], np.cumsum(sym_len)]).astype(np.int64)  # bit start of each symbol
-    offsets = starts[:-1:chunk] if n else np.zeros(0, np.int64)
-    bits = np.zeros(coded_bits, dtype=np.uint8)
-    for lo in range(0, n, _ENCODE_BATCH):  # expand codes to bits, a batch at a time
-        s = symbols[lo:lo + _ENCODE_BATCH]
-        ln = sym_len[lo:lo + _ENCODE_BATCH]
-        first = starts[lo]
-        owner = np.repeat(np.arange(s.size), ln)
-        k = np.arange(owner.size) - np.repeat(starts[lo:lo + s.size] - first, ln)
-        bits[first:first + owner.size] = (codes[s][owner] >> (ln[owner] - 1 - k)) & 1
+    coded_bits = int(np.dot(counts.astype(np.int64), lengths))
     if coded_bits >= 1 << 32:
         raise ModelSqueezeError("a Huffman stream over 2^32 bits (512 MiB) is not supported")
+    chunk = _chunking(n, coded_bits) if n else 1
+    # A batch of symbols at a time is expanded to bits (one byte each) and packed; the bits that
+    # do not fill a byte carry over to the next batch. Memory stays bounded by the batch.
+    offsets, packed = [], []
+    carry = np.zeros(0, np.uint8)
+    base = 0  # bit position where the batch starts
+    for lo in range(0, n, _ENCODE_BATCH):
+        s = symbols[lo:lo + _ENCODE_BATCH].astype(np.intp)
+        ln = lengths[s]
+        ends = np.cumsum(ln)
+        starts = ends - ln
+        offsets.append(base + starts[(-lo) % chunk::chunk])  # the chunks that start in this batch
+        owner = np.repeat(np.arange(s.size), ln)
+        k = np.arange(owner.size) - np.repeat(starts, ln)
+        bits = np.concatenate([carry, ((codes[s][owner] >> (ln[owner] - 1 - k)) & 1).astype(np.uint8)])
+        whole = bits.size - bits.size % 8
+        packed.append(np.packbits(bits[:whole]).tobytes())
+        carry = bits[whole:]
+        base += int(ends[-1])
+    if carry.size:
+        packed.append(np.packbits(carry).tobytes())  # zero-padded to a whole byte
+    offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
     header = struct.pack("<I", size) + lengths.astype(np.uint8).tobytes() + struct.pack("<II", offsets.size, coded_bits)
-    return header + offsets.astype("<u4").tobytes() + np.packbits(bits).tobytes(), chunk
+    return header + offsets.astype("<u4").tobytes() + b"".join(packed), chunk
 
 
 def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarray:
@@ -175,19 +185,20 @@ def decode_symbols(data: bytes | memoryview, count: int, chunk: int) -> np.ndarr
         raise ModelSqueezeError("Huffman chunk offsets are not increasing inside the stream")
     # Every byte's big-endian 32-bit window, so each step reads its bits with one gather; one
     # table entry holds symbol << 5 | length.
-    padded = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.int64)
+    padded = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.uint32)
     windows = (padded[:-3] << 24) | (padded[1:-2] << 16) | (padded[2:-1] << 8) | padded[3:]
-    table = (table_sym.astype(np.int64) << 5) | table_len
+    del padded
+    table = (table_sym.astype(np.int32) << 5) | table_len.astype(np.int32)
     sizes = np.full(n_chunks, chunk)
     sizes[-1] = count - chunk * (n_chunks - 1)
-    out = np.zeros((chunk, n_chunks), np.int64)
+    out = np.zeros((chunk, n_chunks), np.int32)  # symbol << 5 | length: 21 bits
     pos = offsets.astype(np.int64)
     drop = 32 - width
     full = sizes[-1] == chunk
     for step in range(chunk):
         if not full and step == sizes[-1]:  # the last, shorter chunk is done
             pos_last, pos = pos[-1], pos[:-1]
-        entry = table[((windows[pos >> 3] << (pos & 7)) & 0xFFFFFFFF) >> drop]
+        entry = table[((windows[pos >> 3].astype(np.int64) << (pos & 7)) & 0xFFFFFFFF) >> drop]
         out[step, : pos.size] = entry
         pos = pos + (entry & 31)
     if not full:  # a shorter last chunk implies at least two chunks
@@ -247,15 +258,20 @@ class HuffmanGapsCodec(StreamCodec, key="huffman-gaps"):
 
 def _best_gap_symbols(positions: np.ndarray) -> tuple[int, np.ndarray]:
     """The gap width whose symbols have the smallest entropy-coded size (estimated as n * H plus
-    a byte of code length per symbol of the alphabet)."""
+    a byte of code length per symbol of the alphabet). Each width's symbol counts come from the
+    gaps (a gap g is g // filler fillers and then g % filler), so only the chosen width's symbols
+    are ever built (narrow widths of a very sparse tensor would make millions)."""
+    gaps = np.diff(positions, prepend=-1) - 1 if positions.size else np.zeros(0, np.int64)
     best = None
     for bits in range(1, MAX_CODE_BITS + 1):
-        symbols = gap_symbols(positions, bits)
-        counts = np.bincount(symbols, minlength=1 << bits).astype(np.float64)
-        p = counts[counts > 0] / max(symbols.size, 1)
+        filler = (1 << bits) - 1
+        counts = np.bincount(gaps % filler, minlength=1 << bits).astype(np.float64)
+        counts[filler] += float((gaps // filler).sum())
+        n_symbols = int(counts.sum())
+        p = counts[counts > 0] / max(n_symbols, 1)
         cost = float(-(counts[counts > 0] * np.log2(p)).sum()) / 8 + (1 << bits)
         if best is None or cost < best[0]:
-            best = (cost, bits, symbols)
-        if (1 << bits) > 4 * max(symbols.size, 1):
+            best = (cost, bits)
+        if (1 << bits) > 4 * max(n_symbols, 1):
             break  # wider alphabets only add table bytes from here on
-    return best[1], best[2]
+    return best[1], gap_symbols(positions, best[1])

@@ -12,7 +12,7 @@ import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
-from modelsqueeze.pack import put_array
+from modelsqueeze.pack import put_record
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, parallel_map, track
 from modelsqueeze.passes.calibration import Calibrator
@@ -103,14 +103,14 @@ def encode(name: str, array: np.ndarray, k: int, config: ClusterConfig,
             kept = None
             # Zero is code 0 when the tensor has zeros; the others shift up by one.
             codebook = np.concatenate([np.zeros(1, array.dtype), codebook]) if has_zero else codebook
-            indices = np.zeros(flat.size, np.int64)
+            indices = np.zeros(flat.size, np.uint8 if codebook.size <= 256 else np.uint16)  # 1-2 bytes a weight
             indices[positions] = labels + has_zero
         if codebook.size == 0:  # an all-zero tensor: one code, 0.0
             codebook, indices = np.zeros(1, array.dtype), np.zeros(0 if sparse else flat.size, np.int64)
         n_codes = codebook.size
         dtype = np.uint8 if n_codes <= 256 else np.uint16
         candidates.append(CompressedTensor(
-            name, array.shape, array.dtype.name, codebook=codebook, indices=indices.astype(dtype),
+            name, array.shape, array.dtype.name, codebook=codebook, indices=indices.astype(dtype, copy=False),
             index_bits=index_bits(n_codes), positions=kept,
         ))
     return min(candidates, key=record_size)
@@ -194,7 +194,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
             if cal.covers(info.key):
                 record = _refit(cal, info, array, record, out, notes)
         new_records[info.key] = record
-        put_array(out, info.key, record.decode())
+        put_record(out, info.key, record)
         changed.append(info.key)
         if record.codebook.size < k and info.n_params >= k:
             notes.append(f"{info.key}: {record.codebook.size} codes used of {k} (fewer distinct values)")

@@ -11,7 +11,7 @@ import onnx
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import prune as kernels
 from modelsqueeze.model import WeightInfo, find_weights
-from modelsqueeze.pack import put_array
+from modelsqueeze.pack import put_array, put_record
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, sparse_record, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.passes.shrink import shrink_channels
@@ -153,14 +153,68 @@ def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, keep: np.ndarra
     return view.from_matrix(fitted.astype(array.dtype))
 
 
+def _prune_tensorwise(config: PruneConfig, out: onnx.ModelProto, records: dict[str, CompressedTensor],
+                      selected: list[WeightInfo], notes: list[str]) -> PassResult:
+    """Data-free pruning one tensor at a time (what `_masks` decides, without holding every
+    tensor): a global magnitude threshold is found by streaming passes over the tensors first."""
+    rule = config.sparsity or config.threshold or config.std_scale
+    plan: list[tuple[WeightInfo, float | None, bool]] = []
+    for info in selected:
+        value, overridden = (None, False) if config.nm is not None else rule.lookup(info)
+        if config.nm is None and value is None:
+            continue
+        plan.append((info, value, config.scope == "global" and not overridden and config.threshold is None
+                     and not config.structured))
+    shared = [info for info, _, is_shared in plan if is_shared]
+    global_mask = None
+    if shared and config.sparsity is not None:
+        chooser = kernels.GlobalMagnitude([info.array for info in shared], rule.default)
+        order = {info.key: i for i, info in enumerate(shared)}
+        global_mask = lambda info, array: chooser.mask(order[info.key], array)  # noqa: E731
+    elif shared:
+        limit = kernels.std_threshold([info.array() for info in shared], rule.default)
+        global_mask = lambda info, array: kernels.threshold_mask(array, limit)  # noqa: E731
+    new_records = dict(records)
+    changed = []
+    for info, value, is_shared in track(plan):
+        array = info.array()
+        if config.nm is not None:
+            if info.reduction_axis is None:
+                notes.append(f"{info.key}: no reduction axis for its consumer ({info.ops}), N:M skipped")
+                continue
+            mask = kernels.nm_mask(array, *config.nm, info.reduction_axis)
+        elif config.structured:
+            if info.channel_axis is None:
+                notes.append(f"{info.key}: no single output-channel axis ({info.ops}), structured pruning skipped")
+                continue
+            keep = kernels.structured_keep(array, info.channel_axis, value, config.norm)
+            mask = kernels.expand_channel_keep(keep, array.shape, info.channel_axis)
+        elif is_shared:
+            mask = global_mask(info, array)
+        elif config.sparsity is not None:
+            mask = kernels.magnitude_mask(array, value)
+        elif config.threshold is not None:
+            mask = kernels.threshold_mask(array, value)
+        else:
+            mask = kernels.threshold_mask(array, kernels.std_threshold([array], value))
+        record = sparse_record(info.key, np.where(mask, array, np.zeros((), array.dtype)), records.get(info.key))
+        del array, mask
+        put_record(out, info.key, record)
+        new_records[info.key] = record
+        changed.append(info.key)
+    return PassResult(model=out, records=new_records, changed=changed, notes=notes)
+
+
 def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: PruneConfig) -> PassResult:
     """Apply `config` to a copy of `model` whose tensors hold their current values; `records` are
     the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
     out, selected = config.selection.start(model)
     notes: list[str] = []
     selected = finite_only(selected, notes)
-    weights = [(info, info.array()) for info in selected]
     cal = Calibrator.create(config, model, selected, notes)
+    if cal is None and not config.shrink:
+        return _prune_tensorwise(config, out, records, selected, notes)
+    weights = [(info, info.array()) for info in selected]
     ranked = weights
     if cal is not None and (config.sparsity is not None or config.nm is not None) and not config.structured:
         ranked = [(info, _importance(cal, info, array)) for info, array in weights]

@@ -14,8 +14,8 @@ from onnx import version_converter
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
-from modelsqueeze.model import WeightInfo
-from modelsqueeze.pack import put_array
+from modelsqueeze.model import WeightInfo, check_model
+from modelsqueeze.pack import put_record
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
@@ -144,7 +144,7 @@ def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.Mode
     try:
         upgraded = version_converter.convert_version(model, target)
         upgraded.ir_version = max(upgraded.ir_version, 10)
-        onnx.checker.check_model(upgraded, full_check=True)
+        check_model(upgraded, "upgraded model", full=True)
     except Exception as exc:  # the converter raises many types; any failure means "not safe"
         notes.append(f"opset {current} could not be upgraded to {target} ({str(exc).splitlines()[0][:120]}); "
                      f"quantized weights are kept as floats in the graph (the sidecar still packs them)")
@@ -177,7 +177,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
         else:
             record = encode(info.key, array, layout, config, int(value))
         new_records[info.key] = record
-        put_array(out, info.key, record.decode())
+        put_record(out, info.key, record)
         changed.append(info.key)
         if info.dtype != "float32":
             notes.append(f"{info.key}: {info.dtype} weights stay floats in the graph (DequantizeLinear gives float32)")

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from modelsqueeze import store
 from modelsqueeze.pack import put_array
 
 # Channel-wise ops a removed channel passes through, as functions of that channel's constant value.
@@ -67,7 +68,7 @@ class _Graph:
                     self.subgraph_names |= _names_used(sub)
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+        return store.to_array(self.inits[name])
 
     def only_user(self, name: str) -> onnx.NodeProto:
         users = self.users.get(name, [])

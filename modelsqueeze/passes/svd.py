@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
 from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
@@ -307,8 +308,8 @@ def _rewrite(model: onnx.ModelProto, target: _Target, factors: lowrank.Factors, 
 
     inits = list(graph.initializer)
     at = next(i for i, t in enumerate(inits) if t.name == weight)
-    replacement = [numpy_helper.from_array(np.ascontiguousarray(first), first_w),
-                   numpy_helper.from_array(np.ascontiguousarray(second), second_w)]
+    replacement = [store.stub_array(first_w, np.ascontiguousarray(first)),
+                   store.stub_array(second_w, np.ascontiguousarray(second))]
     del graph.initializer[:]
     graph.initializer.extend(inits[:at] + replacement + inits[at + 1:])
     # The old weight's recorded type is stale; the layer's output keeps its name and shape.
