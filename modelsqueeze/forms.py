@@ -10,6 +10,8 @@ plain dense weights.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -47,25 +49,34 @@ def remove(graph: onnx.GraphProto, name: str) -> None:
         graph.sparse_initializer.remove(sparse)
 
 
-def _dense(name: str, record: CompressedTensor) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """The decoded tensor as an initializer; a big one is a stub that decodes the record when read."""
-    nbytes = record.n_params * np.dtype(record.dtype).itemsize
+def _lazy(name: str, dtype: np.dtype, shape: tuple[int, ...], make) -> onnx.TensorProto:
+    """An initializer of `dtype` and `shape` whose value `make()` computes: now when it is small,
+    when it is read (written, run) when it is big. Rendering a record is then nearly free: a form
+    that is not chosen, or a graph only measured and checked, never builds its arrays."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < store.MIN_BYTES:
-        return [numpy_helper.from_array(record.decode(), name)], []
-    return [store.lazy_tensor(name, np.dtype(record.dtype), record.shape, store.Held(record.decode, nbytes))], []
+        return numpy_helper.from_array(np.asarray(make(), dtype).reshape(shape), name)
+    return store.lazy_tensor(name, dtype, shape, store.Held(lambda: np.asarray(make(), dtype).reshape(shape), nbytes))
 
 
-def _index_array(indices: np.ndarray, n_codes: int) -> np.ndarray:
-    return indices.astype(np.uint8 if n_codes <= 256 else np.uint16, copy=False)
+def _dense(name: str, record: CompressedTensor) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The decoded tensor as an initializer."""
+    return [_lazy(name, record.dtype, record.shape, record.decode)], []
+
+
+def _index_dtype(n_codes: int) -> type:
+    return np.uint8 if n_codes <= 256 else np.uint16
 
 
 def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, ...], codebook: np.ndarray,
-              indices: np.ndarray) -> tuple[list, list]:
-    """`out` = Gather(codebook, Cast(indices)) with indices of `shape`, in the smallest unsigned type."""
+              indices) -> tuple[list, list]:
+    """`out` = Gather(codebook, Cast(indices)) with indices of `shape`, in the smallest unsigned
+    type; `indices()` gives them."""
     prefix = node_prefix(name)
     inits = [
         numpy_helper.from_array(codebook.astype(record.dtype), f"{name}{AUX}codebook"),
-        numpy_helper.from_array(_index_array(indices, codebook.size).reshape(shape), f"{name}{AUX}indices"),
+        _lazy(f"{name}{AUX}indices", _index_dtype(codebook.size), shape, indices),
     ]
     nodes = [
         helper.make_node("Cast", [f"{name}{AUX}indices"], [f"{name}{AUX}indices_i64"], name=prefix + "cast",
@@ -77,12 +88,16 @@ def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, .
 
 def _gather(name: str, record: CompressedTensor) -> tuple[list, list]:
     """Every element as a code: pruned zeros get code 0 of a codebook with 0.0 prepended."""
-    codebook, indices = record.codebook, record.indices
-    if record.positions is not None:
-        codes = np.zeros(record.n_params, np.uint8 if codebook.size + 1 <= 256 else np.uint16)  # 1-2 bytes a weight
-        codes[record.positions] = indices.astype(codes.dtype) + codes.dtype.type(1)
-        codebook, indices = np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes
-    return _gathered(name, record, name, record.shape, codebook, indices)
+    codebook = record.codebook
+    if record.positions is None:
+        return _gathered(name, record, name, record.shape, codebook, lambda: record.indices)
+
+    def codes() -> np.ndarray:
+        dense = np.zeros(record.n_params, _index_dtype(codebook.size + 1))  # 1-2 bytes a weight
+        dense[record.positions] = record.indices.astype(dense.dtype) + dense.dtype.type(1)
+        return dense
+
+    return _gathered(name, record, name, record.shape, np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes)
 
 
 def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
@@ -91,11 +106,12 @@ def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
     n = record.n_params
     index_dtype = np.int32 if n < 2**31 else np.int64
     if record.codebook is not None:
-        inits, nodes = _gathered(name, record, f"{name}{AUX}values", (record.n_stored,), record.codebook, record.indices)
+        inits, nodes = _gathered(name, record, f"{name}{AUX}values", (record.n_stored,), record.codebook,
+                                 lambda: record.indices)
     else:
-        inits, nodes = [numpy_helper.from_array(record.stored_values(), f"{name}{AUX}values")], []
+        inits, nodes = [_lazy(f"{name}{AUX}values", record.dtype, (record.n_stored,), record.stored_values)], []
     inits += [
-        numpy_helper.from_array(record.positions.astype(index_dtype), f"{name}{AUX}positions"),
+        _lazy(f"{name}{AUX}positions", index_dtype, (record.n_stored,), lambda: record.positions.astype(index_dtype)),
         numpy_helper.from_array(np.array([n], np.int64), f"{name}{AUX}size"),
         numpy_helper.from_array(np.array(record.shape, np.int64), f"{name}{AUX}shape"),
     ]
@@ -110,19 +126,26 @@ def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
     return inits, nodes
 
 
-def _int_tensor(q: np.ndarray, name: str, bits: int, signed: bool) -> onnx.TensorProto:
-    """Integer codes as an ONNX tensor: 4-bit types packed two to a byte (low nibble first, as
-    ONNX stores INT4/UINT4), otherwise the smallest 8/16-bit type."""
-    if bits <= 4:
-        tensor = onnx.TensorProto(name=name, dims=list(q.shape),
-                                  data_type=onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4)
-        nibbles = (q.reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+def _int_tensor(name: str, shape: tuple[int, ...], bits: int, signed: bool, make) -> onnx.TensorProto:
+    """Integer codes (`make()` gives them) as an ONNX tensor: 4-bit types packed two to a byte
+    (low nibble first, as ONNX stores INT4/UINT4), otherwise the smallest 8/16-bit type."""
+    if bits > 4:
+        dtype = (np.int8 if signed else np.uint8) if bits <= 8 else (np.int16 if signed else np.uint16)
+        return _lazy(name, dtype, shape, lambda: make().astype(dtype))
+
+    def packed() -> np.ndarray:
+        nibbles = (make().reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
         if nibbles.size % 2:
             nibbles = np.append(nibbles, np.uint8(0))
-        tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        return nibbles[0::2] | (nibbles[1::2] << 4)
+
+    data_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    nbytes = (math.prod(shape) + 1) // 2
+    if nbytes < store.MIN_BYTES:
+        tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=data_type)
+        tensor.raw_data = packed().tobytes()
         return tensor
-    dtype = (np.int8 if signed else np.uint8) if bits <= 8 else (np.int16 if signed else np.uint16)
-    return numpy_helper.from_array(q.astype(dtype), name)
+    return store.lazy_tensor(name, np.uint8, shape, store.Held(packed, nbytes), data_type=data_type)
 
 
 def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[list, list] | None:
@@ -134,14 +157,19 @@ def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[
         return None
     qmin = qrange(bits, record.signed)[0]
     zero_point = record.zero_point.astype(np.int64)
-    codes = record.layout.expand(zero_point).reshape(-1).copy()
-    stored = np.arange(codes.size) if record.positions is None else record.positions
-    codes[stored] = record.indices.astype(np.int64) + qmin
+
+    def codes() -> np.ndarray:
+        dense = record.layout.expand(zero_point.astype(np.int32)).reshape(-1).copy()
+        stored = slice(None) if record.positions is None else record.positions
+        dense[stored] = record.indices.astype(np.int32) + qmin
+        return dense.reshape(record.shape)
+
     container = bits if (bits <= 4 and model_opset >= 21) else max(bits, 8)
     inits = [
-        _int_tensor(codes.reshape(record.shape), f"{name}{AUX}q", container, record.signed),
+        _int_tensor(f"{name}{AUX}q", record.shape, container, record.signed, codes),
         numpy_helper.from_array(record.scale.astype(np.float32), f"{name}{AUX}scale"),
-        _int_tensor(zero_point.reshape(record.scale.shape), f"{name}{AUX}zero_point", container, record.signed),
+        _int_tensor(f"{name}{AUX}zero_point", record.scale.shape, container, record.signed,
+                    lambda: zero_point.reshape(record.scale.shape)),
     ]
     attrs = {}
     if record.quant_axis is not None:

@@ -615,7 +615,12 @@ def save_model(
     or more in `NAME.data` beside it, written tensor by tensor (never all in memory)."""
     path = Path(path)
     if tensor_bytes(model) < (PROTOBUF_LIMIT_BYTES if limit_bytes is None else limit_bytes):
-        atomic_write_bytes(path, model_to_bytes(model))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                store.serialize_to(model, handle.write)  # model_to_bytes(model), a tensor at a time
+
+        atomic_write(path, write)
         return
     data_name = f"{path.name}.data"
     if (path.parent / data_name).resolve() in store.files(model):

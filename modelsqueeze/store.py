@@ -137,8 +137,12 @@ def stub_array(name: str, array: np.ndarray) -> onnx.TensorProto:
     return lazy_tensor(name, array.dtype, array.shape, Held(lambda: held, array.nbytes))
 
 
-def lazy_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...], source: Source) -> onnx.TensorProto:
-    tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+def lazy_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...], source: Source,
+                data_type: int | None = None) -> onnx.TensorProto:
+    """A stub `name` of `shape` reading `source` (ONNX type: `data_type`, else that of `dtype`)."""
+    if data_type is None:
+        data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=data_type)
     make_stub(tensor, source)
     return tensor
 
@@ -377,3 +381,53 @@ def split_model_bytes(buf) -> tuple[bytes, list[tuple[int, int, int]]] | None:
         return bytes(buf[:gbegin]) + head + graph + bytes(buf[gend:end]), taken
     except _Malformed:
         return None
+
+
+def _first_field_after(data: bytes, number: int) -> int:
+    """Offset of the first field numbered above `number` in a deterministic serialization (its
+    fields are in number order), or len(data)."""
+    for field, _, begin, _, _ in _fields(data, 0, len(data)):
+        if field > number:
+            return begin
+    return len(data)
+
+
+def serialize_to(model: onnx.ModelProto, write: Callable[[bytes], object]) -> None:
+    """Write exactly `resolved(model).SerializeToString(deterministic=True)` through `write`, one
+    initializer at a time: a stub's data is read, written and let go before the next. (A
+    deterministic serialization has its fields in number order, so the main graph's initializers,
+    field 5, sit between its fields 1-4 and 6-; a tensor's raw_data, field 9, between 1-8 and 10-.)"""
+    if not has_stubs(model):
+        write(model.SerializeToString(deterministic=True))
+        return
+    if any(has_stubs_below(model.graph)):  # rare: stubs inside subgraphs are resolved together
+        write(resolved(model).SerializeToString(deterministic=True))
+        return
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    shell.graph.ClearField("initializer")
+    top = shell.SerializeToString(deterministic=True)
+    _, _, gbegin, gstart, gend = next(f for f in _fields(top, 0, len(top)) if f[0] == _GRAPH)
+    graph = top[gstart:gend]
+    split = _first_field_after(graph, _INITIALIZER)
+    sizes = [inline_size(t) for t in model.graph.initializer]
+    length = len(graph) + sum(1 + _varint_bytes(n) + n for n in sizes)
+    write(top[:gbegin] + _encode_varint((_GRAPH << 3) | 2) + _encode_varint(length) + graph[:split])
+    for tensor, size in zip(model.graph.initializer, sizes):
+        write(_encode_varint((_INITIALIZER << 3) | 2) + _encode_varint(size))
+        source = source_of(tensor)
+        if source is None:
+            write(tensor.SerializeToString(deterministic=True))
+            continue
+        header = onnx.TensorProto()
+        header.CopyFrom(tensor)
+        header.ClearField("data_location")
+        del header.external_data[:]
+        head = header.SerializeToString(deterministic=True)
+        cut = _first_field_after(head, _RAW_DATA)
+        raw = source.raw()
+        write(head[:cut] + _encode_varint((_RAW_DATA << 3) | 2) + _encode_varint(raw.size))
+        write(memoryview(raw))
+        del raw
+        write(head[cut:])
+    write(graph[split:] + top[gend:])

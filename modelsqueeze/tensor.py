@@ -63,10 +63,12 @@ class CompressedTensor:
             pos = self.positions
             if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
                 raise ModelSqueezeError(f"tensor {self.name!r}: positions must be a 1-D integer array")
-            if pos.dtype != np.int64:  # unsigned diffs would wrap and hide unsorted positions
-                if pos.size and int(pos.max()) >= 2**63:
+            # Signed (unsigned diffs would wrap and hide unsorted positions), 4 bytes where they fit.
+            target = np.int32 if self.n_params <= 2**31 else np.int64
+            if pos.dtype != target:
+                if pos.size and (int(pos.max()) >= min(self.n_params, 2**63) or int(pos.min()) < 0):
                     raise ModelSqueezeError(f"tensor {self.name!r}: a position lies outside the tensor")
-                pos = pos.astype(np.int64)
+                pos = pos.astype(target)
                 object.__setattr__(self, "positions", pos)
             if pos.size and (pos[0] < 0 or pos[-1] >= self.n_params or np.any(np.diff(pos) <= 0)):
                 raise ModelSqueezeError(f"tensor {self.name!r}: positions must be sorted, unique and inside the tensor")

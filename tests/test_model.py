@@ -280,10 +280,11 @@ def test_failed_save_keeps_the_old_file(tmp_path, mlp, monkeypatch):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
 
-    def broken(model):
+    def broken(model, write):
+        write(b"half a model")  # the disk fills up in the middle of the write
         raise OSError("disk full")
 
-    monkeypatch.setattr("modelsqueeze.model.model_to_bytes", broken)
+    monkeypatch.setattr("modelsqueeze.store.serialize_to", broken)
     with pytest.raises(OSError):
         save_model(mlp, out)
     assert out.read_bytes() == b"old"

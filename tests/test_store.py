@@ -158,3 +158,17 @@ def test_save_streams_every_big_tensor_into_one_data_file(tmp_path):
     assert _plain(onnx.load_model(str(path))).keys() == _plain(onnx.load_model(str(LENET300))).keys()
     for name, value in _plain(onnx.load_model(str(path))).items():
         assert np.array_equal(value, _plain(onnx.load_model(str(LENET300)))[name])
+
+
+@pytest.mark.parametrize("sample", ["lenet300", "lenet5", "lstm_digits", "tiny_transformer"])
+def test_streamed_serialization_is_byte_identical(sample, tmp_path):
+    """serialize_to writes what SerializeToString of the resolved model gives, for loaded models
+    and for rendered pairs (lazy native forms)."""
+    loaded = load_model(SAMPLES / f"{sample}.onnx")
+    result = cluster(loaded, {}, ClusterConfig(bits=LayerRule(4)))
+    from modelsqueeze.pack import rendered
+
+    for model in (loaded, result.model, rendered(result.model, result.records.values())):
+        chunks: list[bytes] = []
+        store.serialize_to(model, lambda b: chunks.append(bytes(b)))
+        assert b"".join(chunks) == model_to_bytes(model)
