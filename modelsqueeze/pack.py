@@ -29,8 +29,8 @@ from modelsqueeze.model import (
     model_to_bytes,
     save_model,
 )
-from modelsqueeze.sidecar import Sidecar, decode_sidecar, encode_sidecar, read_sidecar, sidecar_size
-from modelsqueeze.tensor import CompressedTensor
+from modelsqueeze.sidecar import Sidecar, encode_sidecar, read_sidecar, round_trip_record, sidecar_size
+from modelsqueeze.tensor import CompressedTensor, share_arrays
 
 SIDECAR_SUFFIX = ".msq"
 
@@ -154,16 +154,21 @@ def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor]) ->
 
 
 def round_trip(
-    model: onnx.ModelProto, records: dict[str, CompressedTensor], source: str = "<pipeline>"
+    model: onnx.ModelProto, records: dict[str, CompressedTensor], source: str = "<pipeline>",
+    previous: dict[str, CompressedTensor] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, CompressedTensor]]:
     """What `load_pair` would give after `write_pair(model, records)`, in memory: the graph as it
     would be written, the records as the sidecar would give them back, the logical model rebuilt.
     A pipeline passes this between steps, so it computes exactly what one command per step does."""
     graph = rendered(model, records.values())
     check_model(graph, source, full=True)
-    car = decode_sidecar(encode_sidecar(list(records.values()), graph_hash(graph)), source)
-    render(graph, car.records.values(), dense=True)  # the copy becomes the logical model
-    return graph, dict(car.records)
+    # Record by record, as the sidecar would give them back; arrays equal to the ones they were
+    # made from (or to the step's input's: `previous`) are shared, not held twice.
+    previous = previous or {}
+    decoded = {name: share_arrays(round_trip_record(record), record, previous.get(name))
+               for name, record in records.items()}
+    render(graph, decoded.values(), dense=True)  # the copy becomes the logical model
+    return graph, decoded
 
 
 def write_pair(

@@ -62,7 +62,7 @@ forgotten after each step (the caller keeps no other model of this run). A faili
             # last result itself is what gets written, as a single command would write it.
             size = None
             if not last or size_last:
-                model, records = round_trip(result.model, result.records)
+                model, records = round_trip(result.model, result.records, previous=records)
                 size = packed_bytes(model, list(records.values()))
         except ModelSqueezeError as exc:
             before = f" (after {describe(steps[:index])})" if index else ""

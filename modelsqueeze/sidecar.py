@@ -152,6 +152,13 @@ def record_size(record: CompressedTensor) -> int:
     return sum(len(chunk) for chunk in _encode_record(record))
 
 
+def round_trip_record(record: CompressedTensor) -> CompressedTensor:
+    """What writing `record` into a sidecar and reading it back gives (one record's bytes at a time)."""
+    chunks = _encode_record(record)
+    decoded, _ = _decode_record(memoryview(chunks[1]), memoryview(b"".join(chunks[3:])))
+    return decoded
+
+
 def sidecar_size(records: Sequence[CompressedTensor]) -> int:
     """len(encode_sidecar(records, ...)), without building it."""
     return HEADER_BYTES + sum(record_size(record) for record in records)

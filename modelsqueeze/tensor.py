@@ -155,3 +155,27 @@ class CompressedTensor:
         """A record that stores `array` as it is."""
         array = np.asarray(array)
         return cls(name=name, shape=array.shape, dtype=array.dtype.name, values=array.reshape(-1))
+
+
+_ARRAY_FIELDS = ("values", "codebook", "indices", "positions", "scale", "zero_point")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(
+        np.ascontiguousarray(a).reshape(-1).view(np.uint8), np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+
+
+def share_arrays(record: CompressedTensor, *others: CompressedTensor | None) -> CompressedTensor:
+    """`record` (a fresh object: it is changed in place) with each of its arrays replaced by a
+    bit-identical one of `others`, where there is one: a decoded copy of a record, or a step's
+    output that kept its input's positions, then takes no memory of its own."""
+    for field_name in _ARRAY_FIELDS:
+        mine = getattr(record, field_name)
+        if mine is None:
+            continue
+        for other in others:
+            theirs = getattr(other, field_name, None) if other is not None else None
+            if theirs is not None and theirs is not mine and _same_bits(mine, theirs):
+                object.__setattr__(record, field_name, theirs)
+                break
+    return record

@@ -17,7 +17,7 @@ from modelsqueeze.model import WeightInfo
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, parallel_map, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.sidecar import record_size
-from modelsqueeze.tensor import CompressedTensor
+from modelsqueeze.tensor import CompressedTensor, share_arrays
 
 SCOPES = ("layer", "shared")
 MAX_CLUSTERS = 2**16
@@ -193,6 +193,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
             record = encode(info.key, array, k, config, shared)
             if cal.covers(info.key):
                 record = _refit(cal, info, array, record, out, notes)
+        record = share_arrays(record, records.get(info.key))  # e.g. a pruned tensor's positions, held once
         new_records[info.key] = record
         put_record(out, info.key, record)
         changed.append(info.key)
