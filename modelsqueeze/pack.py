@@ -29,7 +29,7 @@ from modelsqueeze.model import (
     model_to_bytes,
     save_model,
 )
-from modelsqueeze.sidecar import Sidecar, encode_sidecar, read_sidecar, round_trip_record, sidecar_size
+from modelsqueeze.sidecar import Sidecar, read_sidecar, round_trip_record, sidecar_size, write_sidecar
 from modelsqueeze.tensor import CompressedTensor, share_arrays
 
 SIDECAR_SUFFIX = ".msq"
@@ -191,7 +191,7 @@ def write_pair(
         raise ModelSqueezeError(f"{out}: its data file {out.name}.data is the input's external data; choose another output name")
     graph = rendered(model, records)
     check_model(graph, out, full=True)
-    data = encode_sidecar(list(records), graph_hash(graph))
+    binding = graph_hash(graph)
     # Both files are complete on disk before either is renamed into place. The old sidecar goes
     # first, the new one last: a kill at any point leaves either a whole pair or a model alone
     # (complete on its own: its native forms compute its weights), never a model beside a
@@ -199,7 +199,8 @@ def write_pair(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
-        staged_side.write_bytes(data)
+        with open(staged_side, "wb") as handle:
+            write_sidecar(handle, list(records), binding)  # a record at a time
         os.chmod(staged_side, 0o666 & ~_umask())
         side.unlink(missing_ok=True)
         extras = [e for e in Path(tmp).iterdir() if e not in (staged, staged_side)]  # external data of huge models

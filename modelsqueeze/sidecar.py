@@ -11,7 +11,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
@@ -157,6 +157,26 @@ def round_trip_record(record: CompressedTensor) -> CompressedTensor:
     chunks = _encode_record(record)
     decoded, _ = _decode_record(memoryview(chunks[1]), memoryview(b"".join(chunks[3:])))
     return decoded
+
+
+def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_hash: bytes) -> None:
+    """Write exactly `encode_sidecar(records, graph_hash)` to the seekable binary file `handle`
+    (at its start), one record at a time: the header, which holds the file's size, goes last."""
+    if not isinstance(graph_hash, (bytes, bytearray)) or len(graph_hash) != GRAPH_HASH_BYTES:
+        raise SidecarError(f"the graph hash must be {GRAPH_HASH_BYTES} bytes (a SHA-256 digest)")
+    seen: set[str] = set()
+    handle.write(bytes(HEADER_BYTES))
+    file_size = HEADER_BYTES
+    for record in records:
+        if record.name in seen:
+            raise SidecarError(f"tensor {record.name!r} appears twice in one sidecar")
+        seen.add(record.name)
+        for chunk in _encode_record(record):
+            handle.write(chunk)
+            file_size += len(chunk)
+    header = _HEADER.pack(MAGIC, VERSION, len(seen), file_size, bytes(graph_hash), 0, 0)[:-4]
+    handle.seek(0)
+    handle.write(header + struct.pack("<I", zlib.crc32(header)))
 
 
 def sidecar_size(records: Sequence[CompressedTensor]) -> int:

@@ -172,3 +172,22 @@ def test_streamed_serialization_is_byte_identical(sample, tmp_path):
         chunks: list[bytes] = []
         store.serialize_to(model, lambda b: chunks.append(bytes(b)))
         assert b"".join(chunks) == model_to_bytes(model)
+
+
+def test_sidecar_written_a_record_at_a_time_is_byte_identical():
+    import io
+
+    from modelsqueeze.passes.huffman import HuffmanConfig, huffman
+    from modelsqueeze.sidecar import encode_sidecar, write_sidecar
+
+    loaded = load_model(LENET300)
+    coded = huffman(*round_trip(*_clustered(loaded)), HuffmanConfig())
+    records = list(coded.records.values())
+    handle = io.BytesIO()
+    write_sidecar(handle, records, bytes(range(32)))
+    assert handle.getvalue() == encode_sidecar(records, bytes(range(32)))
+
+
+def _clustered(model):
+    result = cluster(model, {}, ClusterConfig(bits=LayerRule(3)))
+    return result.model, result.records
