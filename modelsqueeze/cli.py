@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Iterator, Optional
 
 import numpy as np
+import onnx
 import typer
 from google.protobuf.message import EncodeError
 from rich import box
@@ -23,7 +24,8 @@ from rich.text import Text
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
-from modelsqueeze.pack import SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, unpack as unpack_pair, write_pair
+from modelsqueeze.pack import (SIDECAR_SUFFIX, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
+                               unpack as unpack_pair, write_pair)
 from modelsqueeze.passes import parallel, watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
@@ -394,14 +396,17 @@ def _transform(
                 f"accuracy fell {summary['drop_pp']:.2f} pp ({100 * before:.2f}% -> {100 * after:.2f}%), "
                 f"more than --max-drop {max_drop:g}; nothing written"
             )
-    write_pair(final, list(records.values()), output, force, inputs=[model])
-    del final, records
-    written = load_pair(output)
+    record_bytes: dict[str, int] = {}
+    write_pair(final, list(records.values()), output, force, inputs=[model], record_bytes=record_bytes)
+    # The summary describes the pair as written from the model and records just written (not a
+    # reload: that would hold every decoded record of a huge model at once).
     changed = list(dict.fromkeys(key for o in outcomes for key in o.changed))
     summary.update(
-        tensors=_step_rows(before_rows, written, changed), notes=[n for o in outcomes for n in o.notes],
-        packed_bytes_before=before_size, packed_bytes_after=packed_size(written),
+        tensors=_step_rows(before_rows, final, record_bytes, changed), notes=[n for o in outcomes for n in o.notes],
+        packed_bytes_before=before_size,
+        packed_bytes_after=skeleton_size(final, records.values()) + sidecar_path(output).stat().st_size,
     )
+    del final, records
     if len(steps) > 1 or command in ("pipeline", "run"):
         summary["steps"] = [
             {"command": o.step.command, "options": step_options(o.step), "changed": len(o.changed),
@@ -433,11 +438,12 @@ def _zero_fraction(array: np.ndarray) -> float:
     return float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0
 
 
-def _step_rows(before: dict[str, tuple[list[int], float]], after, changed: list[str]) -> list[dict]:
+def _step_rows(before: dict[str, tuple[list[int], float]], after: onnx.ModelProto, record_bytes: dict[str, int],
+               changed: list[str]) -> list[dict]:
     """Per changed tensor: shape and sparsity before (from `before`: key -> (shape, zero fraction))
-    and after, distinct values and stored bytes."""
-    new = {w.key: w for w in find_weights(after.model)}
-    record_bytes = after.sidecar.record_bytes if after.sidecar else {}
+    and after (in the logical model `after`), distinct values and stored bytes (`record_bytes`:
+    each sidecar record's bytes), one tensor at a time."""
+    new = {w.key: w for w in find_weights(after)}
     rows = []
     for key in changed:
         a, b = before.get(key), new.get(key)

@@ -177,9 +177,11 @@ def write_pair(
     out: str | Path,
     force: bool = False,
     inputs: Iterable[Path] = (),
+    record_bytes: dict[str, int] | None = None,
 ) -> tuple[Path, Path]:
     """Render `records` into a copy of the logical `model` and write OUT.onnx and OUT.msq, both
-    atomically. Both targets are checked before either is written, so a refusal leaves nothing."""
+    atomically. Both targets are checked before either is written, so a refusal leaves nothing.
+    `record_bytes`, when given, receives each record's bytes in the sidecar."""
     out = Path(out)
     side = sidecar_path(out)
     if out.suffix == SIDECAR_SUFFIX:
@@ -200,7 +202,9 @@ def write_pair(
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
         with open(staged_side, "wb") as handle:
-            write_sidecar(handle, list(records), binding)  # a record at a time
+            sizes = write_sidecar(handle, list(records), binding)  # a record at a time
+        if record_bytes is not None:
+            record_bytes.update(sizes)
         os.chmod(staged_side, 0o666 & ~_umask())
         side.unlink(missing_ok=True)
         extras = [e for e in Path(tmp).iterdir() if e not in (staged, staged_side)]  # external data of huge models

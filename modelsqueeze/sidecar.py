@@ -159,24 +159,29 @@ def round_trip_record(record: CompressedTensor) -> CompressedTensor:
     return decoded
 
 
-def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_hash: bytes) -> None:
+def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_hash: bytes) -> dict[str, int]:
     """Write exactly `encode_sidecar(records, graph_hash)` to the seekable binary file `handle`
-    (at its start), one record at a time: the header, which holds the file's size, goes last."""
+    (at its start), one record at a time: the header, which holds the file's size, goes last.
+    Returns each record's bytes."""
     if not isinstance(graph_hash, (bytes, bytearray)) or len(graph_hash) != GRAPH_HASH_BYTES:
         raise SidecarError(f"the graph hash must be {GRAPH_HASH_BYTES} bytes (a SHA-256 digest)")
     seen: set[str] = set()
+    sizes: dict[str, int] = {}
     handle.write(bytes(HEADER_BYTES))
     file_size = HEADER_BYTES
     for record in records:
         if record.name in seen:
             raise SidecarError(f"tensor {record.name!r} appears twice in one sidecar")
         seen.add(record.name)
+        sizes[record.name] = 0
         for chunk in _encode_record(record):
             handle.write(chunk)
-            file_size += len(chunk)
+            sizes[record.name] += len(chunk)
+        file_size += sizes[record.name]
     header = _HEADER.pack(MAGIC, VERSION, len(seen), file_size, bytes(graph_hash), 0, 0)[:-4]
     handle.seek(0)
     handle.write(header + struct.pack("<I", zlib.crc32(header)))
+    return sizes
 
 
 def sidecar_size(records: Sequence[CompressedTensor]) -> int:

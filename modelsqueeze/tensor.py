@@ -130,6 +130,13 @@ class CompressedTensor:
         """The value of every stored entry, in storage order."""
         if self.codebook is not None:
             return self.codebook.astype(self.dtype, copy=False)[self.indices.astype(np.intp)]
+        if self.scale is not None and self.positions is None:  # the grid broadcast, not gathered per element
+            q = self.indices.reshape(self.shape).astype(np.int32) + qrange(self.index_bits, self.signed)[0]
+            q -= self.layout.expand(self.zero_point.astype(np.int32))
+            values = q.astype(np.float32)
+            del q
+            values *= self.layout.expand(self.scale.astype(np.float32))
+            return values.astype(self.dtype, copy=False).reshape(-1)
         if self.scale is not None:
             q = self.indices.astype(np.int32) + qrange(self.index_bits, self.signed)[0]
             groups = self.layout.groups().reshape(-1)

@@ -75,6 +75,11 @@ def choose_params(
     if range_method not in RANGES:
         raise ValueError(f"range {range_method!r} is not one of {RANGES}")
     qmin, qmax = qrange(bits, signed)
+    if range_method == "minmax":  # the default: group extremes without per-element copies
+        hi = np.maximum(_extremes(weights, layout, np.maximum), 0.0)
+        lo = np.minimum(_extremes(weights, layout, np.minimum), 0.0)
+        scale, zp = _params(hi, lo, qmin, qmax, symmetric, signed, bits)
+        return scale.reshape(layout.param_shape).astype(np.float32), zp.reshape(layout.param_shape)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     group = layout.groups().reshape(-1)
     n_groups = int(np.prod(layout.param_shape, dtype=np.int64))
@@ -93,6 +98,22 @@ def choose_params(
         hi, lo = hi * best_ratio, lo * best_ratio
     scale, zp = _params(hi, lo, qmin, qmax, symmetric, signed, bits)
     return scale.reshape(layout.param_shape).astype(np.float32), zp.reshape(layout.param_shape)
+
+
+def _extremes(weights: np.ndarray, layout: Layout, fn) -> np.ndarray:
+    """fn (np.maximum / np.minimum) of each group's weights as float64, flat in group order: the
+    reductions run on the weights in their own dtype (exact), never on a float64 copy."""
+    w = np.asarray(weights).reshape(layout.shape)
+    n_groups = int(np.prod(layout.param_shape, dtype=np.int64))
+    if w.size == 0:
+        return np.zeros(n_groups)
+    if layout.axis is None:
+        return np.array([fn.reduce(w, axis=None)], dtype=np.float64)
+    if layout.block_size == 0:
+        others = tuple(a for a in range(w.ndim) if a != layout.axis)
+        return fn.reduce(w, axis=others).astype(np.float64).reshape(-1)
+    starts = np.arange(0, layout.shape[layout.axis], layout.block_size)
+    return fn.reduceat(w, starts, axis=layout.axis).astype(np.float64).reshape(-1)
 
 
 def _params(hi, lo, qmin, qmax, symmetric, signed, bits):
@@ -130,11 +151,25 @@ def _percentile_range(w, group, n_groups, percentile, hi, lo):
 
 def quantize(weights: np.ndarray, layout: Layout, scale: np.ndarray, zero_point: np.ndarray,
              bits: int, signed: bool) -> np.ndarray:
-    """Integer codes (int64) on the grid: round(w / scale) + zero_point, clipped."""
+    """Integer codes (int32) on the grid: round(w / scale) + zero_point, clipped; computed in
+    float64 a block of rows at a time (the grid's parameters are broadcast, not copied)."""
     qmin, qmax = qrange(bits, signed)
-    s = layout.expand(scale).astype(np.float64)
-    z = layout.expand(zero_point).astype(np.int64)
-    return np.clip(np.round(np.asarray(weights, np.float64) / s) + z, qmin, qmax).astype(np.int64)
+    w = np.asarray(weights).reshape(layout.shape)
+    s = layout.expand(scale)
+    z = layout.expand(np.asarray(zero_point).astype(np.int32))  # block layouts repeat it per element
+    out = np.empty(layout.shape, np.int32)
+    if w.ndim == 0:
+        out[...] = np.clip(np.round(w.astype(np.float64) / s.astype(np.float64)) + z.astype(np.int64), qmin, qmax)
+        return out
+    rows = max(1, ROWS_ELEMENTS // max(1, int(np.prod(layout.shape[1:], dtype=np.int64))))
+    for i in range(0, layout.shape[0], rows):
+        part = slice(i, i + rows)
+        out[part] = np.clip(np.round(w[part].astype(np.float64) / s[part].astype(np.float64))
+                            + z[part].astype(np.int64), qmin, qmax)
+    return out
+
+
+ROWS_ELEMENTS = 1 << 20  # elements per block of rows in `quantize`
 
 
 def dequantize(q: np.ndarray, layout: Layout, scale: np.ndarray, zero_point: np.ndarray, dtype=np.float32) -> np.ndarray:
