@@ -62,23 +62,36 @@ def kmeans1d(values: np.ndarray, k: int, *, init: str = "auto", method: str = "l
     Empty `values` give empty centroids and labels. Values of zero `sample_weight` take no part in
     the fit (they are only labelled). NaN/inf values or weights, negative weights, k < 1 and unknown
     `init`/`method` names raise ValueError."""
+    flat, centroids = _fit(values, k, init, method, seed, max_iter, sample_weight)
+    if centroids is None:
+        return np.zeros(0), np.zeros(0, np.intp)
+    return centroids, assign(flat, centroids)
+
+
+def fit_centroids(values: np.ndarray, k: int, *, init: str = "auto", method: str = "lloyd", seed: int = 0,
+                  max_iter: int = 300, sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """kmeans1d's centroids alone (empty for empty `values`), for callers that label the values
+    themselves (e.g. a chunk at a time, straight into small codes)."""
+    _, centroids = _fit(values, k, init, method, seed, max_iter, sample_weight)
+    return np.zeros(0) if centroids is None else centroids
+
+
+def _fit(values, k, init, method, seed, max_iter, sample_weight) -> tuple[np.ndarray, np.ndarray | None]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if operator.index(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     flat, data = _prepare(values, k, init, sample_weight)
     if data is None:
-        return np.zeros(0), np.zeros(0, np.intp)
+        return flat, None
     if data.n <= k:
-        centroids = data.x.copy()
-    elif method == "optimal":
+        return flat, data.x.copy()
+    if method == "optimal":
         if data.n > MAX_OPTIMAL_DISTINCT:
             raise ValueError(f"method 'optimal' is limited to {MAX_OPTIMAL_DISTINCT} distinct values "
                              f"(got {data.n}); method 'lloyd' with init 'auto' is near-optimal")
-        centroids = data.exact_means(_dp_bounds(data.W, data.S, data.Q, k))
-    else:
-        centroids = _lloyd(data, _start(data, k, init, seed), k, max_iter)
-    return centroids, assign(flat, centroids)
+        return flat, data.exact_means(_dp_bounds(data.W, data.S, data.Q, k))
+    return flat, _lloyd(data, _start(data, k, init, seed), k, max_iter)
 
 
 def init_centroids(values: np.ndarray, k: int, *, init: str = "auto", seed: int = 0,

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, kmeans1d
+from modelsqueeze.kernels.kmeans1d import INITS, METHODS, assign, fit_centroids
 from modelsqueeze.pack import put_record
 from modelsqueeze.model import WeightInfo
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, parallel_map, track
@@ -68,14 +68,29 @@ def index_bits(n_codes: int) -> int:
     return max(1, math.ceil(math.log2(n_codes))) if n_codes > 1 else 1
 
 
-def _codes(values: np.ndarray, k: int, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids, labels) for 1-D values; no values -> no centroids."""
+def _codes(values: np.ndarray, k: int, config: ClusterConfig) -> np.ndarray:
+    """The centroids for 1-D values (in their own dtype: k-means widens its distinct values
+    itself); no values -> no centroids."""
     if values.size == 0:
-        return np.zeros(0), np.zeros(0, np.intp)
+        return np.zeros(0)
     try:
-        return kmeans1d(values, k, init=config.init, method=config.method, seed=config.seed)
+        return fit_centroids(values, k, init=config.init, method=config.method, seed=config.seed)
     except ValueError as exc:
         raise ModelSqueezeError(str(exc)) from None
+
+
+ASSIGN_CHUNK = 1 << 20  # values labelled at a time (the labels go straight into 1-2 byte codes)
+
+
+def _code_of(values: np.ndarray, centroids: np.ndarray, n_codes: int, shift: int = 0) -> np.ndarray:
+    """Each value's nearest centroid plus `shift`, in the smallest unsigned type for `n_codes`."""
+    out = np.empty(values.size, np.uint8 if n_codes <= 256 else np.uint16)
+    if not centroids.size:
+        out[:] = shift
+        return out
+    for lo in range(0, values.size, ASSIGN_CHUNK):
+        out[lo:lo + ASSIGN_CHUNK] = assign(values[lo:lo + ASSIGN_CHUNK], centroids) + shift
+    return out
 
 
 def encode(name: str, array: np.ndarray, k: int, config: ClusterConfig,
@@ -84,27 +99,29 @@ def encode(name: str, array: np.ndarray, k: int, config: ClusterConfig,
     a code for every element with zero as a code of its own (k - 1 centroids for the non-zeros).
     With `shared` centroids, both variants use that codebook instead of their own."""
     flat = array.reshape(-1)
-    positions = np.flatnonzero(flat)
-    nonzero = flat[positions].astype(np.float64)
-    has_zero = positions.size < flat.size
+    has_zero = np.count_nonzero(flat) < flat.size
+    positions = np.flatnonzero(flat) if has_zero else None
+    nonzero = flat[positions] if has_zero else flat  # no float64 copy: k-means works on distinct values
     candidates = []
     for sparse in ((True, False) if has_zero else (False,)):
         if shared is not None:
             centroids = shared
-            labels = _nearest(nonzero, centroids)
         else:
             budget = max(k - 1, 1) if has_zero and not sparse else k
-            centroids, labels = _codes(nonzero, budget, config)
+            centroids = _codes(nonzero, budget, config)
         codebook = centroids.astype(array.dtype)
         if sparse:
             kept = positions
-            indices = labels
+            indices = _code_of(nonzero, centroids, codebook.size)
         else:
             kept = None
             # Zero is code 0 when the tensor has zeros; the others shift up by one.
             codebook = np.concatenate([np.zeros(1, array.dtype), codebook]) if has_zero else codebook
-            indices = np.zeros(flat.size, np.uint8 if codebook.size <= 256 else np.uint16)  # 1-2 bytes a weight
-            indices[positions] = labels + has_zero
+            if has_zero:
+                indices = np.zeros(flat.size, np.uint8 if codebook.size <= 256 else np.uint16)  # 1-2 bytes a weight
+                indices[positions] = _code_of(nonzero, centroids, codebook.size, shift=1)
+            else:
+                indices = _code_of(flat, centroids, codebook.size)
         if codebook.size == 0:  # an all-zero tensor: one code, 0.0
             codebook, indices = np.zeros(1, array.dtype), np.zeros(0 if sparse else flat.size, np.int64)
         n_codes = codebook.size
@@ -160,7 +177,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     shared = None
     if config.scope == "shared" and chosen:
         values = np.concatenate([a[a != 0].astype(np.float64) for a in (info.array() for info, _ in chosen)])
-        shared, _ = _codes(values, chosen[0][1], config)
+        shared = _codes(values, chosen[0][1], config)
     new_records = dict(records)
     changed = []
     cal = Calibrator.create(config, model, [info for info, _ in chosen], notes)
