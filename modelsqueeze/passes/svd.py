@@ -4,6 +4,8 @@ parameters, with the rank chosen per layer or across layers for a parameter budg
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,12 +97,24 @@ class _Target:
     info: WeightInfo
     node: onnx.NodeProto
     label: str
-    matrix: np.ndarray  # K x N as the layer multiplies: MatMul/Gemm op(B); Conv W reshaped M x C*kh*kw
+    orient: str  # how the weight becomes the matrix: "as is", "transposed" (Gemm transB), "flat" (Conv)
     spectrum: np.ndarray | None = None
 
     @property
+    def matrix(self) -> np.ndarray:
+        """K x N as the layer multiplies: MatMul/Gemm op(B); Conv W reshaped M x C*kh*kw. Read
+        from the weight each time it is asked for (one layer's matrix in memory at a time)."""
+        array = self.info.array()
+        if self.orient == "transposed":
+            return array.T
+        return array.reshape(array.shape[0], -1) if self.orient == "flat" else array
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.matrix.shape
+        s = self.info.shape
+        if self.orient == "transposed":
+            return (s[1], s[0])
+        return (s[0], math.prod(s[1:])) if self.orient == "flat" else (s[0], s[1])
 
 
 def _detached(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -137,21 +151,21 @@ def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
         return "is also a graph output, left alone"
     if info.name in {i.name for i in graph.input} and model.ir_version >= 4:
         return "is also a graph input (its value can be replaced at run time), left alone"
-    array = info.array()
+    ndim = len(info.shape)
     attrs = _attrs(node)
     if node.op_type == "MatMul":
-        if array.ndim != 2:
-            return f"is a {array.ndim}-D MatMul weight; only 2-D weights are factored"
-        matrix = array
+        if ndim != 2:
+            return f"is a {ndim}-D MatMul weight; only 2-D weights are factored"
+        orient = "as is"
     elif node.op_type == "Gemm":
-        matrix = array.T if attrs.get("transB", 0) else array
+        orient = "transposed" if attrs.get("transB", 0) else "as is"
     else:
         if attrs.get("group", 1) != 1:
             return f"feeds a grouped Conv (group={attrs['group']}), left alone"
-        if array.ndim < 3:
-            return f"is a {array.ndim}-D Conv weight, left alone"
-        matrix = array.reshape(array.shape[0], -1)
-    return _Target(info, node, node.name or f"{node.op_type}_{index}", matrix)
+        if ndim < 3:
+            return f"is a {ndim}-D Conv weight, left alone"
+        orient = "flat"
+    return _Target(info, node, node.name or f"{node.op_type}_{index}", orient)
 
 
 def _positions(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -426,7 +440,7 @@ def _budget_plan(model: onnx.ModelProto, targets: list[_Target], target_params: 
     if total <= target_params:
         notes.append(f"the model has {total:,} parameters, already within {how}; nothing factored")
         return []
-    fixed = total - sum(t.matrix.size for t in targets)
+    fixed = total - sum(math.prod(t.shape) for t in targets)
     floor = fixed + sum(k + n for k, n in (t.shape for t in targets))
     if not targets or floor > target_params:
         raise ModelSqueezeError(
