@@ -41,12 +41,11 @@ def encode_raw(array: np.ndarray, dtype: str) -> bytes:
 
 
 def decode_raw(data: bytes | memoryview, count: int, dtype: str) -> np.ndarray:
-    """`count` values of `dtype`; a read-only view of `data` on little-endian hosts (no copy)."""
+    """`count` values of `dtype`, copied out of `data`: a decoded record must not keep the whole
+    sidecar's bytes alive (a few small codebooks would otherwise hold hundreds of MB)."""
     stored_dtype = _little_endian(dtype)
     check_n_bytes(data, count * stored_dtype.itemsize, f"{count} raw {dtype} values")
-    array = np.frombuffer(data, dtype=stored_dtype, count=count).astype(np.dtype(dtype), copy=False)
-    array.flags.writeable = False  # it may alias the caller's buffer
-    return array
+    return np.frombuffer(data, dtype=stored_dtype, count=count).astype(np.dtype(dtype), copy=True)
 
 
 class RawCodec(StreamCodec, key="raw"):

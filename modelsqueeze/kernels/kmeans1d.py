@@ -227,13 +227,17 @@ class _Sorted:
     and weight * x^2 (Q) with x shifted by the weighted mean so the sums stay small: any contiguous
     run's weight, mean and squared error is O(1)."""
 
-    def __init__(self, x: np.ndarray, w: np.ndarray):
+    def __init__(self, x: np.ndarray, w: np.ndarray, W: np.ndarray | None = None):
         self.x, self.n = x, x.size
-        self.W = _prefix(w)
+        self.W = _prefix(w) if W is None else W
         self.shift = float(np.dot(w, x) / self.W[-1])
-        weighted = self.shifted()
+        # S = prefix(w * (x - shift)), built in its own array (no separate temporary of n values)
+        self.S = np.empty(x.size + 1)
+        self.S[0] = 0.0
+        weighted = self.S[1:]
+        np.subtract(x, self.shift, out=weighted)
         weighted *= w
-        self.S = _prefix(weighted)
+        np.cumsum(weighted, out=weighted)
         self._Q = None
 
     def shifted(self) -> np.ndarray:
@@ -242,10 +246,21 @@ class _Sorted:
     @classmethod
     def of(cls, flat: np.ndarray, weights: np.ndarray | None) -> _Sorted:
         if weights is None:
-            # Sorting in the input's own dtype is faster (float32) and exact; widen afterwards.
-            native = flat.astype(np.float32) if flat.dtype == np.float16 else flat
-            x, counts = np.unique(native, return_counts=True)
-            return cls(x.astype(np.float64), counts.astype(np.float64))
+            # Sorting in the input's own dtype is faster (float32) and exact; widen afterwards. The
+            # distinct values and their counts as np.unique gives them, but the counts' prefix sums
+            # (W) straight from where each distinct value starts: big tensors hold fewer arrays.
+            native = np.sort(flat.astype(np.float32) if flat.dtype == np.float16 else flat)
+            first = np.empty(native.size, bool)
+            first[:1] = True
+            np.not_equal(native[1:], native[:-1], out=first[1:])
+            x = native[first]
+            del native
+            W = np.empty(x.size + 1)
+            W[:-1] = np.flatnonzero(first)
+            W[-1] = first.size
+            del first
+            x = x.astype(np.float64)
+            return cls(x, np.diff(W), W)
         x, inverse = np.unique(flat.astype(np.float64), return_inverse=True)
         w = np.bincount(inverse.reshape(-1), weights=weights, minlength=x.size)
         return cls(x[w > 0], w[w > 0])
@@ -253,10 +268,14 @@ class _Sorted:
     @property
     def Q(self) -> np.ndarray:
         if self._Q is None:
-            squares = self.shifted()
+            Q = np.empty(self.n + 1)
+            Q[0] = 0.0
+            squares = Q[1:]
+            np.subtract(self.x, self.shift, out=squares)
             squares *= squares
             squares *= np.diff(self.W)
-            self._Q = _prefix(squares)
+            np.cumsum(squares, out=squares)
+            self._Q = Q
         return self._Q
 
     def bounds(self, centroids: np.ndarray) -> np.ndarray:
