@@ -36,6 +36,7 @@ from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output
 from modelsqueeze.pack import load_pair, packed_bytes, packed_size, rendered
 from modelsqueeze.passes import Selection, finite_number
+from modelsqueeze import store
 from modelsqueeze.pipeline import describe, run_steps
 from modelsqueeze.recipe import Recipe, Step, check_path_text, dump_recipe, parse_step_spec
 from modelsqueeze.validate import load_npz
@@ -243,9 +244,10 @@ def _validation(arrays: dict, data: Path, max_drop: float) -> dict:
 
 def _measure_steps(pair, arrays, steps: list[Step], source: str) -> tuple[int, float]:
     """(packed bytes, accuracy) of the pair the steps would write."""
-    final, records, _ = run_steps(pair.model, pair.records, steps, size_last=False)
-    evaluate = engine.Evaluator(arrays, source, reference=pair.runnable())
-    return packed_bytes(final, list(records.values())), evaluate(rendered(final, records.values()), "recipe")
+    with store.released():  # nothing of the measured pair is kept
+        final, records, _ = run_steps(pair.model, pair.records, steps, size_last=False)
+        evaluate = engine.Evaluator(arrays, source, reference=pair.runnable())
+        return packed_bytes(final, list(records.values())), evaluate(rendered(final, records.values()), "recipe")
 
 
 def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, max_drop: float, title: str) -> Table:

@@ -12,7 +12,6 @@ import math
 import mmap
 import os
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -212,15 +211,19 @@ def _external_to_stubs(model: onnx.ModelProto, external: list[onnx.TensorProto],
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else target.stat().st_size - offset
         want = _expected_bytes(tensor)
-        if tensor.data_type not in _LAZY_TYPES or want is None:
-            raise ModelSqueezeError(f"{source}: tensor {tensor.name!r}: external data of type "
-                                    f"{onnx.TensorProto.DataType.Name(tensor.data_type)} is not supported")
-        if length != want:
+        lazy = tensor.data_type in _LAZY_TYPES and want is not None
+        if lazy and length != want:
             raise ModelSqueezeError(
                 f"{source}: invalid ONNX model: tensor {tensor.name!r} holds {length} bytes of external data, "
                 f"its dims {list(tensor.dims)} declare {want}"
             )
         store.make_stub(tensor, store.FileRange(target, offset, length))
+        if not lazy:  # an exotic type: read now, into raw_data, and checked like any inline tensor
+            store.materialize(tensor)
+    # Only initializers stay on disk; Constant-node values and sparse initializers are read now.
+    for tensor in store.non_initializers(model):
+        if store.is_stub(tensor):
+            store.materialize(tensor)
 
 
 _FOUR_BIT_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
@@ -272,21 +275,16 @@ def check_model(model: onnx.ModelProto, source: Path | str, full: bool = False) 
 
 def _check_with_stubs(model: onnx.ModelProto, full: bool) -> None:
     """onnx.checker on a model whose big weights are stubs: they are shown to it as external data
-    in a sparse file (nothing read, nothing in memory); it resolves them from the working folder."""
+    in a sparse file (nothing read, nothing in memory) beside a copy of the graph in a temporary
+    folder, and the checker is given that file (so it resolves them there: no change of the
+    process's working folder)."""
     with tempfile.TemporaryDirectory(prefix="modelsqueeze-check-") as folder:
         checked = store.checkable(model, folder)
         if sum(store.stored_bytes(t) for t in iter_all_tensors(checked) if not uses_external_data(t)) >= PROTOBUF_LIMIT_BYTES:
             return
-        with _CWD_LOCK:
-            cwd = os.getcwd()
-            os.chdir(folder)
-            try:
-                onnx.checker.check_model(checked, full_check=full)
-            finally:
-                os.chdir(cwd)
-
-
-_CWD_LOCK = threading.RLock()
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(checked.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=full)
 
 
 # Bytes on disk of models already parsed, by (path, mtime, size): `model_file_bytes` of a model this

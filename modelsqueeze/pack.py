@@ -171,6 +171,18 @@ def round_trip(
     return graph, decoded
 
 
+def check_not_read_from(model: onnx.ModelProto, out: str | Path) -> None:
+    """Refuse an output pair (OUT.onnx, OUT.msq, OUT.onnx.data) that would overwrite a file the
+    model's weights are still read from (its external data), --force or not."""
+    out = Path(out)
+    read_from = store.files(model)
+    for target in (out, sidecar_path(out)):
+        if target.resolve() in read_from:
+            raise ModelSqueezeError(f"{target}: refusing to overwrite the input's external data")
+    if (out.parent / f"{out.name}.data").resolve() in read_from:
+        raise ModelSqueezeError(f"{out}: its data file {out.name}.data is the input's external data; choose another output name")
+
+
 def write_pair(
     model: onnx.ModelProto,
     records: Sequence[CompressedTensor],
@@ -189,8 +201,7 @@ def write_pair(
     inputs = [Path(p) for p in inputs]
     for target in (out, side):
         check_output(target, force, inputs + [sidecar_path(p) for p in inputs])
-    if (out.parent / f"{out.name}.data").resolve() in store.files(model):
-        raise ModelSqueezeError(f"{out}: its data file {out.name}.data is the input's external data; choose another output name")
+    check_not_read_from(model, out)
     graph = rendered(model, records)
     check_model(graph, out, full=True)
     binding = graph_hash(graph)
@@ -284,5 +295,6 @@ def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:
     pair = load_pair(src, require_sidecar=True)
     out = Path(out)
     check_output(out, force, [Path(src), sidecar_path(src)])
+    check_not_read_from(pair.model, out)
     save_model(pair.model, out)
     return out

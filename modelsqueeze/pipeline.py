@@ -50,6 +50,7 @@ file instead). With `release`, values held in memory for models other than the c
 forgotten after each step (the caller keeps no other model of this run). A failing step
     raises a ModelSqueezeError naming it and the steps that ran before it."""
     outcomes: list[StepOutcome] = []
+    since = store.mark()  # what this run registers; the caller's models keep theirs
     written, written_records = model, records
     for index, step in enumerate(steps):
         last = index + 1 == len(steps)
@@ -73,5 +74,5 @@ forgotten after each step (the caller keeps no other model of this run). A faili
             written, written_records = result.model, result.records
         del result
         if release:
-            store.retain(model, written)
+            store.retain(model, written, since=since)
     return written, written_records, outcomes

@@ -20,6 +20,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import WeightInfo, find_weights, model_to_bytes
 from modelsqueeze.pack import packed_bytes, rendered
 from modelsqueeze.passes import Selection, tensor_names
+from modelsqueeze import store
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, make_step
 from modelsqueeze.tensor import CompressedTensor
@@ -233,9 +234,12 @@ def sensitivity(
     for info in infos:
         acc[info.key], size[info.key] = {}, {}
         for value in grid:
-            result = single_layer_step(spec, info.key, value, base).apply(model, records)
-            size[info.key][value] = packed_bytes(result.model, list(result.records.values()))
-            acc[info.key][value] = evaluate(rendered(result.model, result.records.values()), f"{info.key} {spec.setting}={value}")
+            with store.released():  # the candidate's values go with it
+                result = single_layer_step(spec, info.key, value, base).apply(model, records)
+                size[info.key][value] = packed_bytes(result.model, list(result.records.values()))
+                acc[info.key][value] = evaluate(rendered(result.model, result.records.values()),
+                                                f"{info.key} {spec.setting}={value}")
+                del result
             if progress:
                 progress(1)
     return SensitivityResult(
@@ -354,9 +358,11 @@ class _Configurations:
 
     def measure(self, notches: tuple[int, ...]) -> Point:
         if notches not in self.cache:
-            final, records, _ = run_steps(self.model, self.records, self.steps(notches), size_last=False)
-            size = packed_bytes(final, list(records.values()))
-            acc = self.evaluate(rendered(final, records.values()), "candidate")
+            with store.released():  # the candidate's values go with it
+                final, records, _ = run_steps(self.model, self.records, self.steps(notches), size_last=False)
+                size = packed_bytes(final, list(records.values()))
+                acc = self.evaluate(rendered(final, records.values()), "candidate")
+                del final, records
             self.cache[notches] = Point(self.settings(notches), size, acc)
             if self.progress:
                 self.progress(1)

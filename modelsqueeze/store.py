@@ -13,9 +13,9 @@ Stubs never leave the process: every writer resolves them.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,22 +43,39 @@ class Source:
         return None
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True, eq=False)
 class FileRange(Source):
-    """`nbytes` bytes at `offset` of the file at `path` (absolute), read on each access."""
+    """`nbytes` bytes at `offset` of the file at `path` (absolute), read on each access. The file
+    must stay the one that was loaded (same device, inode, size and modification time)."""
 
     path: Path
     offset: int
     nbytes: int
+    identity: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.identity is None:
+            object.__setattr__(self, "identity", _identity(self.path))
 
     def raw(self) -> np.ndarray:
+        changed = ModelSqueezeError(f"{self.path}: the file changed or shrank while in use (it was replaced or "
+                                    f"rewritten after it was loaded); run the command again")
         try:
-            data = np.fromfile(self.path, dtype=np.uint8, count=self.nbytes, offset=self.offset)
+            with open(self.path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                    raise changed
+                handle.seek(self.offset)
+                data = np.fromfile(handle, dtype=np.uint8, count=self.nbytes)
         except OSError as exc:
             raise ModelSqueezeError(f"{self.path}: cannot read weights: {exc.strerror or exc}") from None
         if data.size != self.nbytes:
-            raise ModelSqueezeError(f"{self.path}: the file changed or shrank while in use (weights at byte "
-                                    f"{self.offset:,} are missing)")
+            raise changed
         return data
 
     def file(self) -> Path | None:
@@ -80,15 +97,26 @@ class Held(Source):
 
 
 _sources: dict[str, Source] = {}
-_ids = itertools.count()
+_next_id = 0
 _lock = threading.Lock()
 
 
 def _register(source: Source) -> str:
+    global _next_id
     with _lock:
-        key = f"{PREFIX}{next(_ids)}"
+        key = f"{PREFIX}{_next_id}"
+        _next_id += 1
         _sources[key] = source
     return key
+
+
+def mark() -> int:
+    """The number the next source will get: `retain(..., since=mark())` leaves older ones alone."""
+    return _next_id
+
+
+def _number(key: str) -> int:
+    return int(key[len(PREFIX):])
 
 
 def _location(tensor: onnx.TensorProto) -> str | None:
@@ -198,7 +226,7 @@ def inline_size(tensor: onnx.TensorProto) -> int:
     header.ClearField("data_location")
     del header.external_data[:]
     n = source_of(tensor).nbytes
-    return header.ByteSize() + (1 + _varint_bytes(n) + n if n else 0)  # raw_data: field 9, a 1-byte tag
+    return header.ByteSize() + 1 + _varint_bytes(n) + n  # raw_data, field 9 (a 1-byte tag): set even when empty
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -215,6 +243,20 @@ def stubs(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         for tensor in graph.initializer:
             if is_stub(tensor):
                 yield tensor
+
+
+def non_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model that is not an initializer: sparse initializers' parts and node
+    attributes (Constant values), in all graphs."""
+    for graph in iter_graphs(model.graph):
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                yield from attr.tensors
 
 
 def has_stubs_below(graph: onnx.GraphProto) -> Iterator[bool]:
@@ -246,21 +288,33 @@ def files(model: onnx.ModelProto) -> set[Path]:
     return {f for f in (source_of(t).file() for t in stubs(model)) if f is not None}
 
 
-def retain(*models: onnx.ModelProto) -> None:
-    """Forget every in-memory source no stub of `models` uses (file ranges are tiny and kept)."""
+def retain(*models: onnx.ModelProto, since: int = 0) -> None:
+    """Forget the in-memory sources registered from number `since` on (see `mark`) that no stub
+    of `models` uses; older sources, which other models of the process may use, stay (file ranges
+    are tiny and always stay)."""
     live = {_location(t) for m in models if m is not None for t in stubs(m)}
     with _lock:
-        for key in [k for k, s in _sources.items() if isinstance(s, Held) and k not in live]:
+        for key in [k for k, s in _sources.items()
+                    if isinstance(s, Held) and k not in live and _number(k) >= since]:
             del _sources[key]
 
 
-_check_lock = threading.Lock()
+@contextmanager
+def released() -> Iterator[None]:
+    """In-memory sources registered inside the block are forgotten when it ends: for work whose
+    models are measured and dropped inside it (e.g. one candidate of a search)."""
+    since = mark()
+    try:
+        yield
+    finally:
+        retain(since=since)
+
 
 
 def checkable(model: onnx.ModelProto, folder: str, name: str = "lazy.bin") -> onnx.ModelProto:
     """A copy of `model` whose stubs are ordinary external data in `folder`/`name`: a sparse file
     as long as the largest stub (no disk used, nothing read), so onnx.checker can check the model
-    without its weights in memory (run it with `folder` as the working directory)."""
+    without its weights in memory (save the copy in `folder` and check that file)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     longest = 0
@@ -281,6 +335,7 @@ def checkable(model: onnx.ModelProto, folder: str, name: str = "lazy.bin") -> on
 # initializer's raw_data bytes, the graph is parsed without them, and they become file ranges.
 
 _GRAPH, _INITIALIZER, _RAW_DATA, _DATA_LOCATION = 7, 5, 9, 14  # ModelProto.graph, GraphProto.initializer, TensorProto fields
+_TYPED_DATA = {4, 5, 6, 7, 10, 11}  # TensorProto float_data, int32_data, string_data, int64_data, double_data, uint64_data
 
 
 class _Malformed(Exception):
@@ -341,7 +396,7 @@ def _strip_tensor(buf, start: int, end: int) -> tuple[bytes, int, int] | None:
     """The tensor's bytes without its raw_data, and where that raw_data lies; None to keep it whole."""
     raw = []
     for number, wire, begin, vstart, vend in _fields(buf, start, end):
-        if number == _DATA_LOCATION:
+        if number == _DATA_LOCATION or number in _TYPED_DATA:  # typed data too: left whole, checked as such
             return None
         if number == _RAW_DATA and wire == 2:
             raw.append((begin, vstart, vend))

@@ -1,5 +1,7 @@
-"""Review of the lazy-weights redesign (store.py stubs): each test shows a bug found in review and is
-marked xfail(strict=True) until the code is fixed."""
+"""Review of the lazy-weights redesign (store.py stubs): each test pins a bug found in review, now fixed
+(0-byte external tensors, Constant-node external data, sensitivity and in-process release of held
+values, no working-folder change while checking, replaced input files, outputs onto the input's
+external data, raw + typed data)."""
 
 from __future__ import annotations
 
@@ -61,9 +63,6 @@ def _model_with_empty_external_tensor(folder: Path) -> Path:
 # 1. A zero-length stub is serialized with a wrong length prefix: the written file is corrupt.
 
 
-@pytest.mark.xfail(strict=True, reason="store.inline_size counts no raw_data for a 0-byte stub, but materialize/"
-                                       "serialize_to write an empty raw_data field: the graph's length prefix is 2 "
-                                       "bytes short and the output protobuf is corrupt")
 def test_an_empty_external_tensor_does_not_corrupt_the_written_model(tmp_path):
     path = _model_with_empty_external_tensor(tmp_path)
     loaded = load_model(path)
@@ -73,8 +72,6 @@ def test_an_empty_external_tensor_does_not_corrupt_the_written_model(tmp_path):
     onnx.load_model(str(out))  # DecodeError: wire format was corrupt
 
 
-@pytest.mark.xfail(strict=True, reason="prune writes OUT.onnx through store.serialize_to: a 0-byte external "
-                                       "tensor makes the output unreadable (exit 0, corrupt file)")
 def test_prune_of_a_model_with_an_empty_external_tensor_writes_a_loadable_pair(tmp_path):
     path = _model_with_empty_external_tensor(tmp_path)
     ok("prune", path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5")
@@ -106,17 +103,12 @@ def _constant_external_model(folder: Path) -> tuple[Path, np.ndarray]:
     return path, values
 
 
-@pytest.mark.xfail(strict=True, reason="model._external_to_stubs stubs Constant-node tensors, but store.stubs/"
-                                       "checkable/resolved only visit initializers: a valid model is refused with "
-                                       "'should be stored in modelsqueeze-lazy:0' (loaded fine before the redesign)")
 def test_a_constant_node_with_external_data_loads_and_runs(tmp_path):
     path, _ = _constant_external_model(tmp_path)
     result = ok("eval", path, "--reference", path, "--random", "4")
     assert result["fidelity"]["max_abs_error"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a Constant-node stub is never resolved: model_to_bytes/save_model write "
-                                       "location 'modelsqueeze-lazy:N' into the output (a stub escapes)")
 def test_a_constant_node_stub_never_escapes_into_written_bytes(tmp_path):
     path, values = _constant_external_model(tmp_path)
     loaded = load_model(path, check=False)
@@ -131,9 +123,6 @@ def test_a_constant_node_stub_never_escapes_into_written_bytes(tmp_path):
 #    evaluation of `sensitivity` keeps its decoded tensors in the process-wide registry.
 
 
-@pytest.mark.xfail(strict=True, reason="sensitivity runs run_steps/round_trip per candidate without store.retain; "
-                                       "the registry keeps every candidate's Held values (11 MB after 3 values on "
-                                       "the 1 MB lenet300, growing with each evaluation)")
 def test_sensitivity_does_not_keep_every_candidates_weights_alive(tmp_path):
     before = set(store._sources)
     result = invoke("sensitivity", LENET300, "--data", SAMPLES / "lenet300_calib.npz", "--method", "prune",
@@ -148,8 +137,6 @@ def test_sensitivity_does_not_keep_every_candidates_weights_alive(tmp_path):
 # 4. store.retain is process-wide: a command run in-process releases other live models' weights.
 
 
-@pytest.mark.xfail(strict=True, reason="run_steps(release=True) calls store.retain(model, written), which deletes "
-                                       "every Held source of the whole process, including models the caller holds")
 def test_a_command_run_in_process_leaves_other_models_weights_alone(tmp_path):
     mine = onnx.parser.parse_model(ADD_TEXT.replace("float[0] z", "float[2, 300] z").replace("Identity(e)", "Identity(y)"))
     values = np.random.default_rng(3).standard_normal((300, 300)).astype(np.float32)
@@ -163,8 +150,6 @@ def test_a_command_run_in_process_leaves_other_models_weights_alone(tmp_path):
 # 5. check_model chdirs the whole process while onnx.checker runs (the lock only orders checks).
 
 
-@pytest.mark.xfail(strict=True, reason="model._check_with_stubs os.chdir()s the process to a temp folder; "
-                                       "another thread loading a relative path meanwhile gets 'no such file'")
 def test_checking_a_model_with_stubs_does_not_move_other_threads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(LENET300, tmp_path / "rel.onnx")
@@ -194,9 +179,6 @@ def test_checking_a_model_with_stubs_does_not_move_other_threads(tmp_path, monke
 #    parsed: a file replaced by one of the same size gives other weights, silently.
 
 
-@pytest.mark.xfail(strict=True, reason="store.FileRange.raw only detects a file that shrank; a model file "
-                                       "replaced (same size, e.g. rewritten by another command) is read as if "
-                                       "it were the one loaded: wrong weights, no error")
 def test_a_stub_never_silently_reads_a_replaced_file(tmp_path):
     path = tmp_path / "m.onnx"
     shutil.copy(LENET300, path)
@@ -220,10 +202,6 @@ def test_a_stub_never_silently_reads_a_replaced_file(tmp_path):
 # 7. The output may be the input's external data file: --force overwrites the input's weights.
 
 
-@pytest.mark.xfail(strict=True, reason="check_output only compares the output with the input model and its "
-                                       "sidecar, not with the external data files its stubs read: -o onto the "
-                                       "input's data file destroys the input (pre-existing, but the stubs now "
-                                       "read that file for the whole command)")
 def test_an_output_onto_the_inputs_external_data_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     onnx.save_model(onnx.load_model(str(LENET300)), "ext.onnx", save_as_external_data=True,
@@ -239,9 +217,6 @@ def test_an_output_onto_the_inputs_external_data_is_refused(tmp_path, monkeypatc
 #    told its (inline) tensor "is stored externally".
 
 
-@pytest.mark.xfail(strict=True, reason="a file's big raw_data becomes a stub that keeps its float_data, so the "
-                                       "checker reports 'stored externally and should not have data field' for "
-                                       "a tensor that is inline: the message differs from the in-memory model's")
 def test_raw_and_typed_data_is_refused_alike_from_a_file_and_in_memory(tmp_path):
     model = onnx.parser.parse_model(ADD_TEXT.replace(", float[0] z", "").replace("  z = Identity(e)\n", ""))
     tensor = numpy_helper.from_array(np.ones((300, 300), np.float32), "w")

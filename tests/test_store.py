@@ -191,3 +191,15 @@ def test_sidecar_written_a_record_at_a_time_is_byte_identical():
 def _clustered(model):
     result = cluster(model, {}, ClusterConfig(bits=LayerRule(3)))
     return result.model, result.records
+
+
+def test_an_output_onto_the_inputs_external_data_file_is_refused_even_with_force(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reference = onnx.load_model(str(LENET300))
+    source = tmp_path / "in.onnx"
+    onnx.save_model(reference, str(source), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    before = (tmp_path / "weights.bin").read_bytes()
+    message = refused("cluster", source, "-o", tmp_path / "weights.bin", "--bits", "4", "--force")
+    assert "input's external data" in message
+    assert (tmp_path / "weights.bin").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "weights.bin"]
