@@ -182,11 +182,9 @@ def _parse_lazily(path: Path) -> onnx.ModelProto:
     absolute = path.resolve()
     for index, offset, length in taken:
         tensor = model.graph.initializer[index]
-        if _expected_bytes(tensor) == length and tensor.data_type in _LAZY_TYPES:
-            store.make_stub(tensor, store.FileRange(absolute, offset, length))
-        else:  # an odd type or a wrong length: held inline, as the file has it (and checked as such)
-            store.make_stub(tensor, store.FileRange(absolute, offset, length))
-            store.materialize(tensor)
+        store.make_stub(tensor, store.FileRange(absolute, offset, length))
+        if _expected_bytes(tensor) != length or tensor.data_type not in _LAZY_TYPES:
+            store.materialize(tensor)  # an odd type or a wrong length: inline, as the file has it (and checked as such)
     return model
 
 
@@ -360,14 +358,7 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto that can carry data: initializers and node attributes, in all graphs."""
     for _, graph in iter_graphs(model.graph):
         yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                yield from attr.tensors
+    yield from store.non_initializers(model)
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:

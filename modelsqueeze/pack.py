@@ -120,9 +120,7 @@ def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -
     stub counted at the size its data gives it. Records inside subgraphs fall back to building
     the skeleton."""
     names = [record.name for record in records]
-    if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or any(
-        store.has_stubs_below(model.graph)
-    ):
+    if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or store.has_stubs_below(model.graph):
         return len(model_to_bytes(skeleton(model, records)))
     owned = set(names)
     graph = model.graph

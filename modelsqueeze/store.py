@@ -259,13 +259,9 @@ def non_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 yield from attr.tensors
 
 
-def has_stubs_below(graph: onnx.GraphProto) -> Iterator[bool]:
-    """True for each stub in a subgraph of `graph` (not in `graph` itself)."""
-    for sub in iter_graphs(graph):
-        if sub is not graph:
-            for tensor in sub.initializer:
-                if is_stub(tensor):
-                    yield True
+def has_stubs_below(graph: onnx.GraphProto) -> bool:
+    """Whether a subgraph of `graph` (not `graph` itself) holds a stub."""
+    return any(is_stub(t) for sub in iter_graphs(graph) if sub is not graph for t in sub.initializer)
 
 
 def has_stubs(model: onnx.ModelProto) -> bool:
@@ -455,7 +451,7 @@ def serialize_to(model: onnx.ModelProto, write: Callable[[bytes], object]) -> No
     if not has_stubs(model):
         write(model.SerializeToString(deterministic=True))
         return
-    if any(has_stubs_below(model.graph)):  # rare: stubs inside subgraphs are resolved together
+    if has_stubs_below(model.graph):  # rare: stubs inside subgraphs are resolved together
         write(resolved(model).SerializeToString(deterministic=True))
         return
     shell = onnx.ModelProto()
