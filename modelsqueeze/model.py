@@ -597,6 +597,14 @@ def model_to_bytes(model: onnx.ModelProto) -> bytes:
     return store.resolved(model).SerializeToString(deterministic=True)
 
 
+def check_data_file(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model file whose external data file (`NAME.data` beside it) is one the model's
+    weights are still read from."""
+    data = Path(path).parent / f"{Path(path).name}.data"
+    if data.resolve() in store.files(model):
+        raise ModelSqueezeError(f"{path}: its data file {data.name} is the input's external data; choose another output name")
+
+
 def save_model(
     model: onnx.ModelProto, path: Path, limit_bytes: int | None = None, inline_below_bytes: int = 1024
 ) -> None:
@@ -612,8 +620,7 @@ def save_model(
         atomic_write(path, write)
         return
     data_name = f"{path.name}.data"
-    if (path.parent / data_name).resolve() in store.files(model):
-        raise ModelSqueezeError(f"{path}: its data file {data_name} is the input's external data; choose another output name")
+    check_data_file(model, path)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
         staged, staged_data = Path(tmp_dir) / path.name, Path(tmp_dir) / data_name
         bare = onnx.ModelProto()

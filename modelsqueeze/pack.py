@@ -20,6 +20,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import (
     _umask,
     check_model,
+    check_data_file,
     check_model_path,
     check_output,
     graph_hash,
@@ -110,10 +111,6 @@ def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
     return bare
 
 
-def _varint_bytes(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
 def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> int:
     """len(model_to_bytes(skeleton(model, records))), without copying or resolving the model:
     protobuf sizes are computed (ByteSize), the deleted initializers' entries subtracted and each
@@ -129,13 +126,13 @@ def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -
     for tensor in graph.initializer:
         base = tensor.name.split(forms.AUX, 1)[0]
         n = tensor.ByteSize()
-        entry = 1 + _varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
+        entry = 1 + store.varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
         if base in owned and forms.owns_initializer(base, tensor.name):
             new -= entry
         elif store.is_stub(tensor):
             real = store.inline_size(tensor)
-            new += 1 + _varint_bytes(real) + real - entry
-    return model.ByteSize() - _varint_bytes(old) - old + _varint_bytes(new) + new  # ModelProto.graph: field 7
+            new += 1 + store.varint_bytes(real) + real - entry
+    return model.ByteSize() - store.varint_bytes(old) - old + store.varint_bytes(new) + new  # ModelProto.graph: field 7
 
 
 def packed_size(pair: "Pair") -> int:
@@ -145,26 +142,33 @@ def packed_size(pair: "Pair") -> int:
     return skeleton_size(pair.model, pair.records.values()) + pair.sidecar_path.stat().st_size
 
 
-def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor]) -> int:
+def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor],
+                 record_bytes: dict[str, int] | None = None) -> int:
     """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it
-    (the sidecar's length does not depend on the graph hash it carries)."""
-    return skeleton_size(model, records) + sidecar_size(records)
+    (the sidecar's length does not depend on the graph hash it carries; `record_bytes`: records'
+    sizes already known, from `round_trip`)."""
+    return skeleton_size(model, records) + sidecar_size(records, record_bytes)
 
 
 def round_trip(
     model: onnx.ModelProto, records: dict[str, CompressedTensor], source: str = "<pipeline>",
-    previous: dict[str, CompressedTensor] | None = None,
+    previous: dict[str, CompressedTensor] | None = None, record_bytes: dict[str, int] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, CompressedTensor]]:
     """What `load_pair` would give after `write_pair(model, records)`, in memory: the graph as it
     would be written, the records as the sidecar would give them back, the logical model rebuilt.
-    A pipeline passes this between steps, so it computes exactly what one command per step does."""
+    A pipeline passes this between steps, so it computes exactly what one command per step does.
+    `record_bytes`, when given, receives each record's bytes in the sidecar."""
     graph = rendered(model, records.values())
     check_model(graph, source, full=True)
     # Record by record, as the sidecar would give them back; arrays equal to the ones they were
     # made from (or to the step's input's: `previous`) are shared, not held twice.
     previous = previous or {}
-    decoded = {name: share_arrays(round_trip_record(record), record, previous.get(name))
-               for name, record in records.items()}
+    decoded = {}
+    for name, record in records.items():
+        back, size = round_trip_record(record)
+        decoded[name] = share_arrays(back, record, previous.get(name))
+        if record_bytes is not None:
+            record_bytes[name] = size
     render(graph, decoded.values(), dense=True)  # the copy becomes the logical model
     return graph, decoded
 
@@ -177,8 +181,7 @@ def check_not_read_from(model: onnx.ModelProto, out: str | Path) -> None:
     for target in (out, sidecar_path(out)):
         if target.resolve() in read_from:
             raise ModelSqueezeError(f"{target}: refusing to overwrite the input's external data")
-    if (out.parent / f"{out.name}.data").resolve() in read_from:
-        raise ModelSqueezeError(f"{out}: its data file {out.name}.data is the input's external data; choose another output name")
+    check_data_file(model, out)
 
 
 def write_pair(

@@ -63,8 +63,9 @@ forgotten after each step (the caller keeps no other model of this run). A faili
             # last result itself is what gets written, as a single command would write it.
             size = None
             if not last or size_last:
-                model, records = round_trip(result.model, result.records, previous=records)
-                size = packed_bytes(model, list(records.values()))
+                sizes: dict[str, int] = {}
+                model, records = round_trip(result.model, result.records, previous=records, record_bytes=sizes)
+                size = packed_bytes(model, list(records.values()), sizes)  # each record coded once
         except ModelSqueezeError as exc:
             before = f" (after {describe(steps[:index])})" if index else ""
             raise type(exc)(f"step {index + 1} {step.command}{before}: {exc}") from None

@@ -5,13 +5,14 @@ The reader checks every length, offset and checksum before it allocates, and nam
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
@@ -152,11 +153,12 @@ def record_size(record: CompressedTensor) -> int:
     return sum(len(chunk) for chunk in _encode_record(record))
 
 
-def round_trip_record(record: CompressedTensor) -> CompressedTensor:
-    """What writing `record` into a sidecar and reading it back gives (one record's bytes at a time)."""
+def round_trip_record(record: CompressedTensor) -> tuple[CompressedTensor, int]:
+    """What writing `record` into a sidecar and reading it back gives (one record's bytes at a
+    time), and the record's bytes in the sidecar."""
     chunks = _encode_record(record)
     decoded, _ = _decode_record(memoryview(chunks[1]), memoryview(b"".join(chunks[3:])))
-    return decoded
+    return decoded, sum(len(chunk) for chunk in chunks)
 
 
 def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_hash: bytes) -> dict[str, int]:
@@ -184,9 +186,11 @@ def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_h
     return sizes
 
 
-def sidecar_size(records: Sequence[CompressedTensor]) -> int:
-    """len(encode_sidecar(records, ...)), without building it."""
-    return HEADER_BYTES + sum(record_size(record) for record in records)
+def sidecar_size(records: Sequence[CompressedTensor], record_bytes: Mapping[str, int] | None = None) -> int:
+    """len(encode_sidecar(records, ...)), without building it (`record_bytes`: each record's
+    bytes where already known, e.g. from `round_trip_record`)."""
+    known = record_bytes or {}
+    return HEADER_BYTES + sum(known[r.name] if r.name in known else record_size(r) for r in records)
 
 
 def encode_sidecar(records: Sequence[CompressedTensor], graph_hash: bytes) -> bytes:
@@ -194,18 +198,9 @@ def encode_sidecar(records: Sequence[CompressedTensor], graph_hash: bytes) -> by
 
     Deterministic: the same records and hash always give the same bytes.
     """
-    if not isinstance(graph_hash, (bytes, bytearray)) or len(graph_hash) != GRAPH_HASH_BYTES:
-        raise SidecarError(f"the graph hash must be {GRAPH_HASH_BYTES} bytes (a SHA-256 digest)")
-    seen: set[str] = set()
-    chunks: list[bytes] = []
-    for record in records:
-        if record.name in seen:
-            raise SidecarError(f"tensor {record.name!r} appears twice in one sidecar")
-        seen.add(record.name)
-        chunks += _encode_record(record)
-    file_size = HEADER_BYTES + sum(len(chunk) for chunk in chunks)
-    header = _HEADER.pack(MAGIC, VERSION, len(seen), file_size, bytes(graph_hash), 0, 0)[:-4]
-    return b"".join([header, struct.pack("<I", zlib.crc32(header)), *chunks])
+    buffer = io.BytesIO()
+    write_sidecar(buffer, records, graph_hash)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- reading

@@ -203,7 +203,8 @@ def materialize(tensor: onnx.TensorProto) -> None:
     tensor.raw_data = data
 
 
-def _varint_bytes(n: int) -> int:
+def varint_bytes(n: int) -> int:
+    """Bytes of the protobuf varint of `n` (a length prefix)."""
     return max(1, (n.bit_length() + 6) // 7)
 
 
@@ -226,7 +227,7 @@ def inline_size(tensor: onnx.TensorProto) -> int:
     header.ClearField("data_location")
     del header.external_data[:]
     n = source_of(tensor).nbytes
-    return header.ByteSize() + 1 + _varint_bytes(n) + n  # raw_data, field 9 (a 1-byte tag): set even when empty
+    return header.ByteSize() + 1 + varint_bytes(n) + n  # raw_data, field 9 (a 1-byte tag): set even when empty
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -304,7 +305,6 @@ def released() -> Iterator[None]:
         yield
     finally:
         retain(since=since)
-
 
 
 def checkable(model: onnx.ModelProto, folder: str, name: str = "lazy.bin") -> onnx.ModelProto:
@@ -462,7 +462,7 @@ def serialize_to(model: onnx.ModelProto, write: Callable[[bytes], object]) -> No
     graph = top[gstart:gend]
     split = _first_field_after(graph, _INITIALIZER)
     sizes = [inline_size(t) for t in model.graph.initializer]
-    length = len(graph) + sum(1 + _varint_bytes(n) + n for n in sizes)
+    length = len(graph) + sum(1 + varint_bytes(n) + n for n in sizes)
     write(top[:gbegin] + _encode_varint((_GRAPH << 3) | 2) + _encode_varint(length) + graph[:split])
     for tensor, size in zip(model.graph.initializer, sizes):
         write(_encode_varint((_INITIALIZER << 3) | 2) + _encode_varint(size))

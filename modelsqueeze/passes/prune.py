@@ -4,6 +4,7 @@ or global), zero the rest, store survivors sparsely; optionally shrink structure
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -79,51 +80,66 @@ def parse_nm(text: str) -> tuple[int, int]:
     return int(n), int(m)
 
 
-def _masks(
-    config: PruneConfig, weights: list[tuple[WeightInfo, np.ndarray]], notes: list[str]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Keep-mask per tensor key for the tensors the configuration prunes, and for structured
-    pruning also the keep-vector over each tensor's output channels."""
-    masks: dict[str, np.ndarray] = {}
-    channel_keeps: dict[str, np.ndarray] = {}
-    if config.nm is not None:
-        n, m = config.nm
-        for info, array in weights:
+def _mask_stream(
+    config: PruneConfig, infos: list[WeightInfo], load: Callable[[WeightInfo], np.ndarray], notes: list[str]
+) -> Iterator[tuple[WeightInfo, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(info, its ranked array, keep-mask, keep-vector over its output channels for structured
+    pruning else None) for each tensor the configuration prunes, in order. `load(info)` gives
+    the array a tensor is ranked by; one tensor is loaded at a time (a global criterion first
+    streams over the tensors it covers)."""
+    rule = config.sparsity or config.threshold or config.std_scale
+    plan: list[tuple[WeightInfo, float | None, bool]] = []  # (tensor, its value, under one global criterion)
+    for info in infos:
+        value, overridden = (None, False) if config.nm is not None else rule.lookup(info)
+        if config.nm is None and value is None:
+            continue
+        plan.append((info, value, config.nm is None and not config.structured and config.scope == "global"
+                     and not overridden and config.threshold is None))
+    shared = [info for info, _, is_shared in plan if is_shared]
+    if shared and config.sparsity is not None:
+        chooser = kernels.GlobalMagnitude([lambda info=info: load(info) for info in shared], rule.default)
+        order = {info.key: i for i, info in enumerate(shared)}
+        global_mask = lambda info, array: chooser.mask(order[info.key], array)  # noqa: E731
+    elif shared:
+        limit = kernels.std_threshold([load(info) for info in shared], rule.default)
+        global_mask = lambda info, array: kernels.threshold_mask(array, limit)  # noqa: E731
+    for info, value, is_shared in track(plan):
+        array = load(info)
+        keep = None
+        if config.nm is not None:
             if info.reduction_axis is None:
                 notes.append(f"{info.key}: no reduction axis for its consumer ({info.ops}), N:M skipped")
                 continue
-            masks[info.key] = kernels.nm_mask(array, n, m, info.reduction_axis)
-        return masks, channel_keeps
-
-    rule = config.sparsity or config.threshold or config.std_scale
-    shared: list[tuple[WeightInfo, np.ndarray]] = []  # tensors pruned under one global criterion
-    for info, array in weights:
-        value, overridden = rule.lookup(info)
-        if value is None:
-            continue
-        if config.structured:
+            mask = kernels.nm_mask(array, *config.nm, info.reduction_axis)
+        elif config.structured:
             if info.channel_axis is None:
                 notes.append(f"{info.key}: no single output-channel axis ({info.ops}), structured pruning skipped")
                 continue
             keep = kernels.structured_keep(array, info.channel_axis, value, config.norm)
-            channel_keeps[info.key] = keep
-            masks[info.key] = kernels.expand_channel_keep(keep, array.shape, info.channel_axis)
-        elif config.scope == "global" and not overridden and config.threshold is None:
-            shared.append((info, array))
+            mask = kernels.expand_channel_keep(keep, array.shape, info.channel_axis)
+        elif is_shared:
+            mask = global_mask(info, array)
         elif config.sparsity is not None:
-            masks[info.key] = kernels.magnitude_mask(array, value)
+            mask = kernels.magnitude_mask(array, value)
         elif config.threshold is not None:
-            masks[info.key] = kernels.threshold_mask(array, value)
+            mask = kernels.threshold_mask(array, value)
         else:
-            masks[info.key] = kernels.threshold_mask(array, kernels.std_threshold([array], value))
-    if shared:
-        arrays = [a for _, a in shared]
-        if config.sparsity is not None:
-            shared_masks = kernels.global_magnitude_masks(arrays, rule.default)
-        else:
-            limit = kernels.std_threshold(arrays, rule.default)
-            shared_masks = [kernels.threshold_mask(a, limit) for a in arrays]
-        masks.update({info.key: mask for (info, _), mask in zip(shared, shared_masks)})
+            mask = kernels.threshold_mask(array, kernels.std_threshold([array], value))
+        yield info, array, mask, keep
+
+
+def _masks(
+    config: PruneConfig, weights: list[tuple[WeightInfo, np.ndarray]], notes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Keep-mask per tensor key for the tensors the configuration prunes (ranked by the arrays
+    given), and for structured pruning also the keep-vector over each tensor's output channels."""
+    ranked = {info.key: array for info, array in weights}
+    masks: dict[str, np.ndarray] = {}
+    channel_keeps: dict[str, np.ndarray] = {}
+    for info, _, mask, keep in _mask_stream(config, [info for info, _ in weights], lambda i: ranked[i.key], notes):
+        masks[info.key] = mask
+        if keep is not None:
+            channel_keeps[info.key] = keep
     return masks, channel_keeps
 
 
@@ -155,48 +171,10 @@ def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, keep: np.ndarra
 
 def _prune_tensorwise(config: PruneConfig, out: onnx.ModelProto, records: dict[str, CompressedTensor],
                       selected: list[WeightInfo], notes: list[str]) -> PassResult:
-    """Data-free pruning one tensor at a time (what `_masks` decides, without holding every
-    tensor): a global magnitude threshold is found by streaming passes over the tensors first."""
-    rule = config.sparsity or config.threshold or config.std_scale
-    plan: list[tuple[WeightInfo, float | None, bool]] = []
-    for info in selected:
-        value, overridden = (None, False) if config.nm is not None else rule.lookup(info)
-        if config.nm is None and value is None:
-            continue
-        plan.append((info, value, config.scope == "global" and not overridden and config.threshold is None
-                     and not config.structured))
-    shared = [info for info, _, is_shared in plan if is_shared]
-    global_mask = None
-    if shared and config.sparsity is not None:
-        chooser = kernels.GlobalMagnitude([info.array for info in shared], rule.default)
-        order = {info.key: i for i, info in enumerate(shared)}
-        global_mask = lambda info, array: chooser.mask(order[info.key], array)  # noqa: E731
-    elif shared:
-        limit = kernels.std_threshold([info.array() for info in shared], rule.default)
-        global_mask = lambda info, array: kernels.threshold_mask(array, limit)  # noqa: E731
+    """Data-free pruning one tensor at a time: each is read, masked, stored as its record and let go."""
     new_records = dict(records)
     changed = []
-    for info, value, is_shared in track(plan):
-        array = info.array()
-        if config.nm is not None:
-            if info.reduction_axis is None:
-                notes.append(f"{info.key}: no reduction axis for its consumer ({info.ops}), N:M skipped")
-                continue
-            mask = kernels.nm_mask(array, *config.nm, info.reduction_axis)
-        elif config.structured:
-            if info.channel_axis is None:
-                notes.append(f"{info.key}: no single output-channel axis ({info.ops}), structured pruning skipped")
-                continue
-            keep = kernels.structured_keep(array, info.channel_axis, value, config.norm)
-            mask = kernels.expand_channel_keep(keep, array.shape, info.channel_axis)
-        elif is_shared:
-            mask = global_mask(info, array)
-        elif config.sparsity is not None:
-            mask = kernels.magnitude_mask(array, value)
-        elif config.threshold is not None:
-            mask = kernels.threshold_mask(array, value)
-        else:
-            mask = kernels.threshold_mask(array, kernels.std_threshold([array], value))
+    for info, array, mask, _ in _mask_stream(config, selected, WeightInfo.array, notes):
         record = sparse_record(info.key, np.where(mask, array, np.zeros((), array.dtype)), records.get(info.key))
         del array, mask
         put_record(out, info.key, record)
