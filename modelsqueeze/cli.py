@@ -24,7 +24,7 @@ from rich.text import Text
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
-from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
+from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, check_outputs, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
                                unpack as unpack_pair, write_pair)
 from modelsqueeze.passes import parallel, watching
 from modelsqueeze.pipeline import run_steps
@@ -366,11 +366,10 @@ def _transform(
     if max_drop is not None and max_drop < 0:
         raise ModelSqueezeError(f"--max-drop {max_drop}: must be 0 or more")
     pair = load_pair(model)
-    for target in (output, sidecar_path(output)):
-        check_output(target, force, [model, sidecar_path(model)])
     if output.suffix == SIDECAR_SUFFIX:
         raise ModelSqueezeError(f"{output}: the output model must not end in {SIDECAR_SUFFIX}")
-    check_not_read_from(pair.model, output)
+    check_not_read_from(pair.model, output)  # first: an input's file is refused even with --force
+    check_outputs(output, force, [model])
     arrays = load_npz(validate) if validate is not None else None
     summary: dict = {"command": command, "input": str(model), "output": str(output), "sidecar": str(sidecar_path(output))}
     measure = None

@@ -184,6 +184,45 @@ def check_not_read_from(model: onnx.ModelProto, out: str | Path) -> None:
     check_data_file(model, out)
 
 
+def companions(out: str | Path) -> tuple[Path, Path]:
+    """The files that belong to the output OUT.onnx: its sidecar OUT.msq and its external data
+    OUT.onnx.data (written for models over protobuf's 2 GB limit)."""
+    out = Path(out)
+    return sidecar_path(out), out.parent / f"{out.name}.data"
+
+
+def check_outputs(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse, before any work, an output whose model or companions exist (without --force) or
+    are inputs: writing OUT.onnx replaces or removes all three."""
+    protected = list(inputs) + [sidecar_path(p) for p in inputs]
+    for target in (out, *companions(out)):
+        check_output(target, force, protected)
+
+
+def install(staged: Path, out: Path) -> None:
+    """Move one output's staged files (OUT.onnx, and OUT.msq / OUT.onnx.data where written) from
+    the folder `staged` into place, and remove the companions of an older output that this one
+    does not have: an old sidecar beside a new plain model would be read as its weights.
+
+    The order makes every kill safe: the old sidecar goes first and the new one comes last, so a
+    model is never beside a sidecar of another write (the graph hash, which leaves weights out,
+    could not tell); when external data is involved the old model goes before the data changes,
+    so no model reads another write's data. At worst a complete model is left alone (its native
+    forms compute its weights) or nothing is there."""
+    side, data = companions(out)
+    new_side, new_data = staged / side.name, staged / data.name
+    side.unlink(missing_ok=True)
+    if new_data.exists() or data.exists():
+        out.unlink(missing_ok=True)
+        if new_data.exists():
+            os.replace(new_data, data)
+        else:
+            data.unlink()
+    os.replace(staged / out.name, out)
+    if new_side.exists():
+        os.replace(new_side, side)
+
+
 def write_pair(
     model: onnx.ModelProto,
     records: Sequence[CompressedTensor],
@@ -200,16 +239,11 @@ def write_pair(
     if out.suffix == SIDECAR_SUFFIX:
         raise ModelSqueezeError(f"{out}: the output model must not end in {SIDECAR_SUFFIX}")
     inputs = [Path(p) for p in inputs]
-    for target in (out, side):
-        check_output(target, force, inputs + [sidecar_path(p) for p in inputs])
-    check_not_read_from(model, out)
+    check_not_read_from(model, out)  # first: an input's file is refused even with --force
+    check_outputs(out, force, inputs)
     graph = rendered(model, records)
     check_model(graph, out, full=True)
     binding = graph_hash(graph)
-    # Both files are complete on disk before either is renamed into place. The old sidecar goes
-    # first, the new one last: a kill at any point leaves either a whole pair or a model alone
-    # (complete on its own: its native forms compute its weights), never a model beside a
-    # sidecar of another write (the graph hash, which leaves weights out, could not tell).
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
@@ -218,14 +252,7 @@ def write_pair(
         if record_bytes is not None:
             record_bytes.update(sizes)
         os.chmod(staged_side, 0o666 & ~_umask())
-        side.unlink(missing_ok=True)
-        extras = [e for e in Path(tmp).iterdir() if e not in (staged, staged_side)]  # external data of huge models
-        if extras:
-            out.unlink(missing_ok=True)  # never an old model reading new external data
-        for extra in extras:
-            os.replace(extra, out.parent / extra.name)
-        os.replace(staged, out)
-        os.replace(staged_side, side)
+        install(Path(tmp), out)
     return out, side
 
 
@@ -295,7 +322,11 @@ def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a plain dense model (no sidecar) computing exactly what the pair computes."""
     pair = load_pair(src, require_sidecar=True)
     out = Path(out)
-    check_output(out, force, [Path(src), sidecar_path(src)])
+    if out.suffix == SIDECAR_SUFFIX:
+        raise ModelSqueezeError(f"{out}: the output model must not end in {SIDECAR_SUFFIX}")
     check_not_read_from(pair.model, out)
-    save_model(pair.model, out)
+    check_outputs(out, force, [Path(src)])
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        save_model(pair.model, Path(tmp) / out.name)
+        install(Path(tmp), out)  # an older OUT.msq / OUT.onnx.data goes with the old model
     return out
