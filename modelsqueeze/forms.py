@@ -49,6 +49,40 @@ def remove(graph: onnx.GraphProto, name: str) -> None:
         graph.sparse_initializer.remove(sparse)
 
 
+def declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor the graph defines as a weight, from its definition alone (no
+    weight is read): an initializer's or sparse initializer's dims, a Constant's tensor, and the
+    output of each form above (Reshape to a constant shape, DequantizeLinear of a code tensor,
+    Gather of a 1-D codebook by a code tensor, possibly through a Cast)."""
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    shapes.update((t.values.name, tuple(t.dims)) for t in graph.sparse_initializer)
+    constants = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1
+                 and not store.is_stub(t)}
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if len(node.output) != 1:
+            continue
+        out, inputs = node.output[0], list(node.input)
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is not None:
+                shapes[out] = tuple(value.dims)
+        elif node.op_type == "Reshape" and len(inputs) == 2 and inputs[1] in constants:
+            shape = tuple(int(d) for d in numpy_helper.to_array(constants[inputs[1]]))
+            if all(d > 0 for d in shape):
+                shapes[out] = shape
+        elif node.op_type == "DequantizeLinear" and inputs and inputs[0] in shapes:
+            shapes[out] = shapes[inputs[0]]
+        elif node.op_type == "Gather" and len(inputs) == 2 and len(shapes.get(inputs[0], ())) == 1:
+            codes = inputs[1]
+            cast = producer.get(codes)
+            if cast is not None and cast.op_type == "Cast":
+                codes = cast.input[0]
+            if codes in shapes:
+                shapes[out] = shapes[codes]
+    return shapes
+
+
 def _lazy(name: str, dtype: np.dtype, shape: tuple[int, ...], make) -> onnx.TensorProto:
     """An initializer of `dtype` and `shape` whose value `make()` computes: now when it is small,
     when it is read (written, run) when it is big. Rendering a record is then nearly free: a form

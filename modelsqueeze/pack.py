@@ -6,6 +6,7 @@ The skeleton is OUT.onnx with every sidecar-backed initializer deleted; `load_pa
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from modelsqueeze.model import (
     save_model,
 )
 from modelsqueeze.sidecar import Sidecar, read_sidecar, round_trip_record, sidecar_size, write_sidecar
-from modelsqueeze.tensor import CompressedTensor, share_arrays
+from modelsqueeze.tensor import FLOAT_DTYPES, CompressedTensor, share_arrays
 
 SIDECAR_SUFFIX = ".msq"
 
@@ -268,12 +269,11 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
             raise ModelSqueezeError(f"{path}: no sidecar {side.name} beside it")
         return Pair(path=path, model=model)
     model = load_model(path, check=False)
-    car = read_sidecar(side)
+    car = read_sidecar(side, expect=_expectation(model, side))
     if car.graph_hash != graph_hash(model):
         raise ModelSqueezeError(
             f"{side}: this sidecar belongs to a different graph than {path} (binding hash mismatch)"
         )
-    _check_shapes(model, car, side)
     # The graph as written is checked (compact: records in their native forms); rendering the
     # records dense only swaps those forms for initializers of the shapes checked above. A
     # skeleton (sidecar-backed initializers deleted) is only complete once rendered.
@@ -300,22 +300,27 @@ def _memory_bytes() -> int:
         return MAX_TENSOR_BYTES
 
 
-def _check_shapes(model: onnx.ModelProto, car: Sidecar, side: Path) -> None:
-    """Each record must fit the graph: the shape of the initializer it replaces, and a size this
-    machine could hold (a small sidecar claiming a huge, mostly-zero tensor is refused before
-    anything is allocated)."""
+def _expectation(model: onnx.ModelProto, side: Path):
+    """What each record of the sidecar beside `model` must be, checked before its streams are
+    decoded (decoding allocates the record's size): the shape the graph gives its tensor, and a
+    size this machine could hold. A skeleton has no definition left to compare with, so there the
+    size limit alone applies."""
     limit = min(MAX_TENSOR_BYTES, _memory_bytes())
-    for record in car.records.values():
-        n_bytes = record.n_params * np.dtype(record.dtype).itemsize
+    shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+
+    def expect(key: str, shape: tuple[int, ...], dtype: str) -> None:
+        if dtype not in FLOAT_DTYPES:
+            raise ModelSqueezeError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+        n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
         if n_bytes > limit:
-            raise ModelSqueezeError(f"{side}: record {record.name!r} claims {n_bytes:,} bytes of weights, more than "
+            raise ModelSqueezeError(f"claims {n_bytes:,} bytes of weights, more than "
                                     f"this machine's {limit:,} bytes of memory; refused")
-        graph, name = _graph_for_key(model, record.name)
-        shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-        if name in shapes and shapes[name] != record.shape:
-            raise ModelSqueezeError(
-                f"{side}: record {record.name!r} has shape {record.shape}, the graph's tensor {shapes[name]}"
-            )
+        graph, name = _graph_for_key(model, key)
+        declared = shapes.setdefault(id(graph), forms.declared_shapes(graph)).get(name)
+        if declared is not None and declared != shape:
+            raise ModelSqueezeError(f"shape {shape} differs from the graph's tensor {declared}")
+
+    return expect
 
 
 def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -12,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -328,6 +328,33 @@ def _check_layout(meta: dict[str, Any], payload: memoryview) -> None:
         raise ModelSqueezeError(f"the streams cover {offset} bytes of a {len(payload)}-byte payload")
 
 
+def _check_counts(meta: dict[str, Any]) -> None:
+    """Each stream's declared count must be what the record's shape and kind need, before any
+    stream is decoded: a decoder allocates in proportion to its count (a constant Huffman stream
+    of a few bytes can claim any number of symbols), so the shape bounds every allocation."""
+    n = math.prod(meta["shape"])
+    counts = {stream["role"]: stream["count"] for stream in meta["streams"]}
+    stored = counts.get("positions", n)
+    if stored > n:
+        raise ModelSqueezeError(f"stream 'positions': {stored} stored entries in a tensor of {n} elements")
+    for role in ("values", "indices"):
+        if role in counts and counts[role] != stored:
+            raise ModelSqueezeError(f"stream {role!r}: {counts[role]} values, the tensor stores {stored} entries")
+    if "codebook" in counts and not min(stored, 1) <= counts["codebook"] <= 1 << meta["index_bits"]:
+        raise ModelSqueezeError(f"stream 'codebook': {counts['codebook']} centroids do not fit in {meta['index_bits']}-bit indices")
+    if "scale" in counts:
+        quant = meta["quant"]
+        if quant["block_size"] and quant["axis"] is None:
+            raise ModelSqueezeError("a block size needs a quantization axis")
+        groups = math.prod(Layout(tuple(meta["shape"]), quant["axis"], quant["block_size"]).param_shape)
+        for role in ("scale", "zero_point"):
+            if counts[role] != groups:
+                raise ModelSqueezeError(f"stream {role!r}: {counts[role]} values, the quantization layout has {groups} groups")
+    for stream in meta["streams"]:
+        if "size" in stream and stream["size"] != n:
+            raise ModelSqueezeError(f"stream {stream['role']!r}: size {stream['size']!r} differs from the tensor's {n} elements")
+
+
 def _decode_streams(meta: dict[str, Any], payload: memoryview) -> dict[str, np.ndarray]:
     arrays = {}
     for stream in meta["streams"]:
@@ -342,17 +369,24 @@ def _decode_streams(meta: dict[str, Any], payload: memoryview) -> dict[str, np.n
         if role in ("positions", "indices") and not np.issubdtype(array.dtype, np.integer):
             raise ModelSqueezeError(f"stream {role!r}: decoded {array.dtype}, expected integers")
         if role == "positions":
-            if "size" in params and params["size"] != math.prod(meta["shape"]):
-                raise ModelSqueezeError(f"stream 'positions': size {params['size']} differs from the tensor's")
             # Signed, so the record's sortedness check cannot be fooled by unsigned wrap-around.
             array = array.astype(np.int64, copy=False)
         arrays[role] = array
     return arrays
 
 
-def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[CompressedTensor, dict[str, int]]:
+# What a reader expects of a record before it is decoded: called with (name, shape, dtype), it
+# raises ModelSqueezeError for a record its graph cannot take (load_pair checks the graph's shapes).
+Expect = Callable[[str, tuple[int, ...], str], None]
+
+
+def _decode_record(meta_bytes: memoryview, payload: memoryview,
+                   expect: Expect | None = None) -> tuple[CompressedTensor, dict[str, int]]:
     meta = _parse_meta(meta_bytes)
     _check_layout(meta, payload)
+    _check_counts(meta)
+    if expect is not None:
+        expect(meta["name"], tuple(meta["shape"]), meta["dtype"])
     arrays = _decode_streams(meta, payload)
     non_default = {
         stream["role"]: stream["codec"]
@@ -361,12 +395,8 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview) -> tuple[Compres
     }
     quant = meta.get("quant") or {}
     scale, zero_point = arrays.get("scale"), arrays.get("zero_point")
-    if quant:
-        if quant["block_size"] and quant["axis"] is None:
-            raise ModelSqueezeError("a block size needs a quantization axis")
+    if quant:  # the stream counts were checked against the layout (_check_counts)
         want = Layout(tuple(meta["shape"]), quant["axis"], quant["block_size"]).param_shape
-        if scale.size != math.prod(want) or zero_point.size != math.prod(want):
-            raise ModelSqueezeError(f"{scale.size} scales / {zero_point.size} zero points, the layout needs {math.prod(want)}")
         qmin = qrange(meta["index_bits"], quant["signed"])[0]
         scale, zero_point = scale.reshape(want), zero_point.reshape(want).astype(np.int64) + qmin
     record = CompressedTensor(
@@ -420,8 +450,9 @@ def _check_header(data: memoryview, source: str) -> tuple[int, int, bytes]:
     return record_count, file_size, graph_hash
 
 
-def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>") -> Sidecar:
-    """The records in sidecar `data`; every inconsistency is a SidecarError naming `source` and the record."""
+def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>", expect: Expect | None = None) -> Sidecar:
+    """The records in sidecar `data`; every inconsistency is a SidecarError naming `source` and the
+    record. `expect(name, shape, dtype)` vets each record before any of its streams is decoded."""
     data = memoryview(data).cast("B")
     record_count, file_size, graph_hash = _check_header(data, source)
     records: dict[str, CompressedTensor] = {}
@@ -450,7 +481,7 @@ def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>") -> Sidec
         if any(data[meta_start + meta_len : payload_start]):
             raise SidecarError(f"{where}: non-zero padding after the metadata (file is corrupt)")
         try:
-            record, lengths = _decode_record(meta_bytes, data[payload_start:end])
+            record, lengths = _decode_record(meta_bytes, data[payload_start:end], expect)
         except ModelSqueezeError as exc:
             detail = str(exc).removeprefix(f"tensor {name!r}: ")
             raise SidecarError(f"{where}: {detail}") from None
@@ -465,8 +496,8 @@ def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>") -> Sidec
     return Sidecar(VERSION, bytes(graph_hash), records, record_bytes, stream_bytes)
 
 
-def read_sidecar(path: str | Path) -> Sidecar:
-    """Read and decode the sidecar file at `path`."""
+def read_sidecar(path: str | Path, expect: Expect | None = None) -> Sidecar:
+    """Read and decode the sidecar file at `path` (`expect`: see decode_sidecar)."""
     path = Path(path)
     if path.is_dir():
         raise SidecarError(f"{path} is a directory, not a sidecar file")
@@ -476,4 +507,4 @@ def read_sidecar(path: str | Path) -> Sidecar:
         raise SidecarError(f"sidecar {path} not found") from None
     except OSError as exc:
         raise SidecarError(f"cannot read sidecar {path}: {exc.strerror or exc}") from None
-    return decode_sidecar(data, source=str(path))
+    return decode_sidecar(data, source=str(path), expect=expect)

@@ -38,6 +38,8 @@ from modelsqueeze.pack import load_pair
 from modelsqueeze.sidecar import HEADER_BYTES, MAGIC, SidecarError, decode_sidecar, encode_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
+from sidecar_builder import build, meta_of, split_records, with_meta
+
 ROOT = Path(__file__).resolve().parent.parent
 LENET300 = ROOT / "sample_models" / "lenet300.onnx"
 LONG_EXAMPLES = int(os.environ.get("MSQ_FUZZ_EXAMPLES", "0"))
@@ -230,38 +232,6 @@ def test_a_mutated_sidecar_decodes_to_the_original_weights_or_is_refused(corpus,
 
 
 # ---------------------------------------------------------------- (b) structure fuzz: checksums made valid again
-
-
-def split_records(data: bytes) -> list[tuple[bytes, bytes]]:
-    """(meta bytes, payload bytes) per record of a valid sidecar (an independent reader of the layout)."""
-    (count,) = struct.unpack_from("<I", data, 12)
-    parts, offset = [], HEADER_BYTES
-    for _ in range(count):
-        _, meta_len, payload_len, _, _ = struct.unpack_from("<4sIQII", data, offset)
-        meta_start = offset + 24
-        payload_start = meta_start + meta_len + (-meta_len % 8)
-        parts.append((data[meta_start : meta_start + meta_len], data[payload_start : payload_start + payload_len]))
-        offset = payload_start + payload_len
-    return parts
-
-
-def build(parts: list[tuple[bytes, bytes]], graph: bytes, count: int | None = None, file_size: int | None = None) -> bytes:
-    """A sidecar with valid checksums around whatever meta and payload bytes are given."""
-    body = b""
-    for meta, payload in parts:
-        region = meta + bytes(-len(meta) % 8) + payload
-        body += struct.pack("<4sIQII", b"MSQR", len(meta), len(payload), zlib.crc32(region), 0) + region
-    size = HEADER_BYTES + len(body) if file_size is None else file_size
-    header = struct.pack("<8sIIQ32sI", MAGIC, 1, len(parts) if count is None else count, size, graph, 0)
-    return header + struct.pack("<I", zlib.crc32(header)) + body
-
-
-def meta_of(part: tuple[bytes, bytes]) -> dict:
-    return json.loads(part[0])
-
-
-def with_meta(part: tuple[bytes, bytes], meta: dict) -> tuple[bytes, bytes]:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(), part[1]
 
 
 def assert_refused_or_consistent(mutated: bytes, label: str) -> None:

@@ -4,6 +4,9 @@ read only when it is a regular file of the size its header declares."""
 
 from __future__ import annotations
 
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -12,9 +15,11 @@ import modelsqueeze.model
 from modelsqueeze import store
 from modelsqueeze.model import graph_hash, load_model
 from modelsqueeze.pack import load_pair
-from modelsqueeze.sidecar import read_sidecar
+from modelsqueeze.sidecar import SidecarError, decode_sidecar, read_sidecar
 
+from capped import assert_refused
 from cli_helpers import invoke, ok, refused
+from sidecar_builder import build, constant_huffman, graph_of, meta_of, record, split_records, with_meta
 
 
 def _plain_weights(path) -> dict[str, np.ndarray]:
@@ -86,3 +91,136 @@ def test_an_existing_data_file_is_refused_without_force(tmp_path, mlp_path):
         assert "U.onnx.data" in line and "--force" in line
     assert data.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["U.onnx.data", "mlp.onnx"]
+
+
+# --- 2. a few bytes never allocate gigabytes -----------------------------------------------------
+
+def _codebook_record(name: str, shape: list[int], count: int, codebook=(0.25,)) -> tuple[bytes, bytes]:
+    """A codebook record whose indices are a constant Huffman stream declaring `count` symbols."""
+    values = np.asarray(codebook, np.float32).tobytes()
+    return record(
+        {"name": name, "dtype": "float32", "shape": shape, "kind": "codebook", "index_bits": 1},
+        [({"role": "codebook", "codec": "raw", "count": len(codebook), "dtype": "float32"}, values),
+         ({"role": "indices", "codec": "huffman", "count": count, "bits": 1, "chunk": max(count, 1)}, constant_huffman(0))],
+    )
+
+
+def _beside(folder: Path, model_path: Path, parts) -> Path:
+    """A copy of the model in `folder` with a crafted sidecar (valid checksums) beside it."""
+    target = folder / "crafted.onnx"
+    target.write_bytes(model_path.read_bytes())
+    sidecar = build(parts, graph_hash(load_model(model_path)))
+    (folder / "crafted.msq").write_bytes(sidecar)
+    return target
+
+
+def _decode_peak(data: bytes) -> tuple[Exception | None, int]:
+    tracemalloc.start()
+    try:
+        decode_sidecar(data, source="m.msq")
+        error = None
+    except SidecarError as exc:
+        error = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return error, peak
+
+
+@pytest.mark.parametrize("label,parts,expected", [
+    ("indices count 2^29 for a 32-element tensor", [_codebook_record("fc1_w", [8, 4], 2**29)], "tensor stores 32 entries"),
+    ("positions count over the tensor", [record(
+        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
+        [({"role": "positions", "codec": "huffman-gaps", "count": 2**29, "bits": 1, "size": 32, "symbols": 2**29,
+           "chunk": 2**29}, constant_huffman(0)),
+         ({"role": "values", "codec": "raw", "count": 2**29, "dtype": "float32"}, b"")])], "in a tensor of 32 elements"),
+    ("huffman-gaps claiming 2^29 symbols for 1 position", [record(
+        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
+        [({"role": "positions", "codec": "huffman-gaps", "count": 1, "bits": 1, "size": 32, "symbols": 2**29,
+           "chunk": 2**29}, constant_huffman(1)),
+         ({"role": "values", "codec": "raw", "count": 1, "dtype": "float32"}, b"\0\0\0\0")])], "need at most 33"),
+    ("bitmap size other than the tensor's", [record(
+        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
+        [({"role": "positions", "codec": "bitmap", "count": 0, "size": 2**40}, b""),
+         ({"role": "values", "codec": "raw", "count": 0, "dtype": "float32"}, b"")])], "differs from the tensor's 32"),
+    ("2^20 scales for a per-tensor layout", [record(
+        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "quant", "index_bits": 8,
+         "quant": {"axis": None, "block_size": 0, "signed": True}},
+        [({"role": "scale", "codec": "raw", "count": 2**20, "dtype": "float32"}, b""),
+         ({"role": "zero_point", "codec": "bitpack", "count": 2**20, "bits": 8}, b""),
+         ({"role": "indices", "codec": "bitpack", "count": 32, "bits": 8}, bytes(32))])], "layout has 1 groups"),
+])
+def test_stream_counts_are_checked_against_the_shape_before_decoding(label, parts, expected):
+    """A stream's declared count is what its decoder allocates for (a constant Huffman stream of
+    13 bytes can declare any count): it must be what the record's shape needs, checked first."""
+    error, peak = _decode_peak(build(parts, bytes(32)))
+    assert error is not None, label
+    assert expected in str(error) and "\n" not in str(error), (label, str(error))
+    assert peak < 20 << 20, (label, peak)
+
+
+def test_a_consistent_record_of_another_shape_than_the_graph_is_refused_before_decoding(tmp_path, mlp_path, mlp_data):
+    """The issue's case: a ~100-byte record declaring 2^29 weights (a constant Huffman stream),
+    consistent in itself (a 400-byte sidecar), beside a graph whose tensor has 32: report, eval and unpack exit 2
+    under a 1 GiB address-space cap, within 200 MB, writing nothing."""
+    crafted = _beside(tmp_path, mlp_path, [_codebook_record("fc1_w", [2**29], 2**29)])
+    assert (tmp_path / "crafted.msq").stat().st_size < 512
+    for args in (["report", crafted], ["eval", crafted, "--data", mlp_data],
+                 ["unpack", crafted, "-o", tmp_path / "out.onnx"], ["cluster", crafted, "-o", tmp_path / "c.onnx", "--bits", "2"]):
+        line = assert_refused(args, tmp_path)
+        assert "crafted.msq" in line and "differs from the graph's tensor (8, 4)" in line, line
+
+
+def test_a_constant_huffman_stream_of_the_right_count_decodes_exactly(tmp_path, mlp_path):
+    """The legitimate use of the same stream: every index the same, any count the shape needs."""
+    crafted = _beside(tmp_path, mlp_path, [_codebook_record("fc1_w", [8, 4], 32, codebook=(0.25, -1.0))])
+    pair = load_pair(crafted)
+    np.testing.assert_array_equal(store.to_array(next(t for t in pair.model.graph.initializer if t.name == "fc1_w")),
+                                  np.full((8, 4), 0.25, np.float32))
+    assert invoke("unpack", crafted, "-o", tmp_path / "u.onnx", "--quiet").exit_code == 0
+    assert np.array_equal(_plain_weights(tmp_path / "u.onnx")["fc1_w"], np.full((8, 4), 0.25, np.float32))
+
+
+def test_a_block_size_larger_than_its_axis_decodes_without_allocating_for_it():
+    """Block-wise scales used to be expanded with np.repeat by the block size: a record declaring
+    block_size 2^40 (one block along an axis of 8) allocated terabytes. One block of the axis it is."""
+    scales = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    codes = np.arange(32, dtype=np.int64) % 7
+    part = record(
+        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "quant", "index_bits": 8,
+         "quant": {"axis": 0, "block_size": 2**40, "signed": True}},
+        [({"role": "scale", "codec": "raw", "count": 4, "dtype": "float32"}, scales.tobytes()),
+         ({"role": "zero_point", "codec": "bitpack", "count": 4, "bits": 8}, bytes([128] * 4)),
+         ({"role": "indices", "codec": "bitpack", "count": 32, "bits": 8}, (codes + 128).astype(np.uint8).tobytes())])
+    tracemalloc.start()
+    try:
+        car = decode_sidecar(build([part], bytes(32)))
+        dense = car.records["fc1_w"].decode()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    np.testing.assert_array_equal(dense, (codes.reshape(8, 4) * scales).astype(np.float32))
+
+
+@pytest.mark.parametrize("command", [["cluster", "--bits", "4"], ["prune", "--sparsity", "0.9"],
+                                     ["quantize", "--bits", "8"], ["pipeline", "--prune", "0.8", "--bits", "4"]])
+def test_a_record_transposed_against_its_graph_is_refused_for_every_written_form(tmp_path, command):
+    """The graph as written defines each record's tensor by a form (Gather of codes, ScatterElements
+    then Reshape, DequantizeLinear, or a dense initializer); the shape it gives is checked against
+    the record's before decoding: fc1.weight's record declared [784, 300] for a [300, 784] weight."""
+    from conftest import SAMPLES
+    out = tmp_path / "out.onnx"
+    ok(command[0], SAMPLES / "lenet300.onnx", "-o", out, *command[1:])
+    data = (tmp_path / "out.msq").read_bytes()
+    parts = split_records(data)
+    index = next(i for i, p in enumerate(parts) if meta_of(p)["name"] == "fc1.weight")
+    meta = meta_of(parts[index])
+    assert meta["shape"] == [300, 784]
+    meta["shape"] = [784, 300]
+    if meta.get("quant", {}).get("axis") is not None:
+        meta["quant"]["axis"] = 1 - meta["quant"]["axis"]  # the same 300 scales, along the other axis
+    parts[index] = with_meta(parts[index], meta)
+    (tmp_path / "out.msq").write_bytes(build(parts, graph_of(data)))
+    line = refused("report", out)
+    assert "(784, 300) differs from the graph's tensor (300, 784)" in line, line

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from modelsqueeze.codecs import StreamCodec, int_param
-from modelsqueeze.codecs.sparse import gap_symbols, symbols_to_positions
+from modelsqueeze.codecs.sparse import check_gap_symbols, gap_symbols, symbols_to_positions
 from modelsqueeze.errors import ModelSqueezeError
 
 MAX_CODE_BITS = 16
@@ -252,6 +252,7 @@ class HuffmanGapsCodec(StreamCodec, key="huffman-gaps"):
         size = int_param(params, "size", 0)
         n_symbols = int_param(params, "symbols", 0)
         chunk = int_param(params, "chunk", 1)
+        check_gap_symbols(n_symbols, count, size, bits)
         symbols = decode_symbols(data, n_symbols, chunk)
         return symbols_to_positions(symbols, bits, count, size)
 

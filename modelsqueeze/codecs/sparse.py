@@ -127,7 +127,16 @@ def encode_gaps(positions: np.ndarray, bits: int) -> tuple[bytes, int]:
     return _encode_gaps(_gaps(check_positions(positions, _NO_LIMIT)), bits)
 
 
+def check_gap_symbols(n_symbols: int, count: int, size: int, bits: int) -> None:
+    """Before decoding: `count` positions in `size` elements take at most `size // filler` fillers
+    (each advances `filler` elements without marking one), so no more symbols than that."""
+    most = count + size // ((1 << bits) - 1) if count else 0
+    if n_symbols > most:
+        raise ModelSqueezeError(f"gaps stream claims {n_symbols} symbols, {count} positions in {size} elements need at most {most}")
+
+
 def decode_gaps(data: bytes | memoryview, count: int, size: int, bits: int, n_symbols: int) -> np.ndarray:
+    check_gap_symbols(n_symbols, count, size, bits)
     return symbols_to_positions(unpack_bits(data, n_symbols, bits), bits, count, size)
 
 

@@ -46,8 +46,9 @@ class Layout:
             view = [1] * len(self.shape)
             view[self.axis] = self.shape[self.axis]
             return np.broadcast_to(params.reshape(view), self.shape)
-        repeated = np.repeat(params, self.block_size, axis=self.axis)
-        return np.take(repeated, np.arange(self.shape[self.axis]), axis=self.axis)
+        # Each element's block along the axis (not np.repeat by block_size: a block size larger
+        # than the axis would allocate in proportion to it).
+        return np.take(params, np.arange(self.shape[self.axis]) // self.block_size, axis=self.axis)
 
     def groups(self) -> np.ndarray:
         """Group id of every element (row-major over param_shape), same shape as the tensor."""
