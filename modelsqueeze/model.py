@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import check_regular, kind_of
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with some headroom.
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
@@ -113,11 +114,9 @@ class WeightInfo:
 
 def check_model_path(path: Path) -> None:
     """One clear error for a path that cannot be a model file: missing, a directory, empty."""
-    if not path.exists():
-        raise ModelSqueezeError(f"{path}: no such file")
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory, expected an .onnx file")
-    if path.stat().st_size == 0:
+    if check_regular(path, "an .onnx file").st_size == 0:
         raise ModelSqueezeError(f"{path}: file is empty, expected an ONNX model")
 
 
@@ -328,8 +327,10 @@ def check_external_location(tensor: onnx.TensorProto, base: Path, source: Path) 
     target = (base / rel).resolve()
     if base != target and base not in target.parents:
         raise ModelSqueezeError(f"{what}: refused, it resolves outside the model's folder (symlink?)")
-    if not target.is_file():
+    if not target.exists():
         raise ModelSqueezeError(f"{what}: file is missing")
+    if not target.is_file():
+        raise ModelSqueezeError(f"{what}: is {kind_of(target.stat().st_mode)}, not a regular file")
     try:
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else target.stat().st_size - offset

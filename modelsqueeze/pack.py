@@ -18,6 +18,7 @@ import onnx
 
 from modelsqueeze import forms, store
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import memory_bytes
 from modelsqueeze.model import (
     _umask,
     check_model,
@@ -293,19 +294,12 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
 MAX_TENSOR_BYTES = 2**36
 
 
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return MAX_TENSOR_BYTES
-
-
 def _expectation(model: onnx.ModelProto, side: Path):
     """What each record of the sidecar beside `model` must be, checked before its streams are
     decoded (decoding allocates the record's size): the shape the graph gives its tensor, and a
     size this machine could hold. A skeleton has no definition left to compare with, so there the
     size limit alone applies."""
-    limit = min(MAX_TENSOR_BYTES, _memory_bytes())
+    limit = min(MAX_TENSOR_BYTES, memory_bytes())
     shapes: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def expect(key: str, shape: tuple[int, ...], dtype: str) -> None:

@@ -40,6 +40,7 @@ from typing import Any, Union
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import read_input
 from modelsqueeze.passes import LayerRule, PassResult, Selection
 from modelsqueeze.tensor import CompressedTensor
 
@@ -347,14 +348,21 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
                   float(max_drop) if max_drop is not None else None, RECIPE_VERSION)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of TOML; more is not one
+
+
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     if path.is_dir():
         raise RecipeError(f"{path} is a directory, not a recipe file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        if not path.exists() and not path.is_symlink():
+            raise FileNotFoundError(path)
+        text = read_input(path, "a TOML recipe", max_bytes=MAX_RECIPE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} not found") from None
+    except ModelSqueezeError as exc:
+        raise RecipeError(str(exc)) from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a TOML recipe (not UTF-8 text)") from None
     except OSError as exc:

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import read_input
 from modelsqueeze.model import (
     find_weights,
     load_model,
@@ -174,12 +175,12 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
     side_bytes = pair.sidecar_path.stat().st_size if pair.sidecar_path else 0
     if pair.sidecar:
         bare = model_to_bytes(skeleton(pair.model, records))
-        side_data = pair.sidecar_path.read_bytes()
+        side_data = read_input(pair.sidecar_path, "a sidecar file")
         packed, gz = len(bare) + side_bytes, _gzip_size(bare, side_data)
         onnx_bytes = pair.path.stat().st_size
     else:
         onnx_bytes = model_file_bytes(pair.path)
-        packed, gz = onnx_bytes, _gzip_size(pair.path.read_bytes())
+        packed, gz = onnx_bytes, _gzip_size(read_input(pair.path, "an .onnx file"))
     report = Report(
         model=str(pair.path), sidecar=str(pair.sidecar_path) if pair.sidecar_path else None,
         tensors=tensor_rows(pair), onnx_bytes=onnx_bytes, sidecar_bytes=side_bytes,
@@ -189,14 +190,19 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
         load_model(baseline)  # a bad baseline is reported like any bad model
         report.baseline = str(baseline)
         report.baseline_bytes = model_file_bytes(Path(baseline))
-        report.baseline_gzip_bytes = _gzip_size(Path(baseline).read_bytes())
+        report.baseline_gzip_bytes = _gzip_size(read_input(baseline, "an .onnx file"))
     return report
 
 
 def load_previous(report: Report, path: Path) -> None:
     """Fill `previous_*` from a saved `report --json` (the committed size baseline of a CI gate)."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a byte order mark from an editor is fine
+        if not Path(path).exists() and not Path(path).is_symlink():
+            raise FileNotFoundError(path)
+        # a byte order mark from an editor is fine; a saved report is a few kB, never megabytes
+        text = read_input(path, "a saved report --json", max_bytes=16 << 20).decode("utf-8-sig")
+    except ModelSqueezeError as exc:
+        raise ModelSqueezeError(f"--baseline-json {exc}") from None
     except FileNotFoundError:
         raise ModelSqueezeError(f"--baseline-json {path}: not found (make one with `modelsqueeze report MODEL --json > {path}`)") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 from modelsqueeze.codecs import get_codec, int_param
 from modelsqueeze.codecs.sparse import smaller_form
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import open_input
 from modelsqueeze.kernels.quant import Layout, qrange
 from modelsqueeze.tensor import CompressedTensor
 
@@ -220,11 +222,49 @@ def _peek_name(meta_bytes: bytes | memoryview) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _locate_cut(data: memoryview) -> tuple[int, str | None]:
+class _FileBytes:
+    """A regular file's bytes as `decode_sidecar` reads them: its length, and slices read from
+    disk only when asked, so a hostile header or record costs what it is checked with, not the
+    file's size."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.fd = handle.fileno()
+        self.size = os.fstat(self.fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> memoryview:
+        start, stop, _ = part.indices(self.size)
+        buffer = bytearray(max(stop - start, 0))
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self.fd, [memoryview(buffer)[done:]], start + done)
+            if got == 0:
+                raise SidecarError("the sidecar file shrank while it was read")
+            done += got
+        return memoryview(buffer).toreadonly()
+
+
+_CRC_CHUNK_BYTES = 16 << 20
+
+
+def _crc32(data: "memoryview | _FileBytes", start: int, end: int) -> int:
+    if not isinstance(data, _FileBytes):
+        return zlib.crc32(data[start:end])
+    crc = 0
+    for lo in range(start, end, _CRC_CHUNK_BYTES):
+        crc = zlib.crc32(data[lo : min(lo + _CRC_CHUNK_BYTES, end)], crc)
+    return crc
+
+
+def _locate_cut(data: "memoryview | _FileBytes") -> tuple[int, str | None]:
     """In a truncated file, the first record that does not fit (index, name if its meta survived)."""
     index, offset = 0, HEADER_BYTES
     while offset + RECORD_HEADER_BYTES <= len(data):
-        _, meta_len, payload_len, _, _ = _RECORD.unpack_from(data, offset)
+        magic, meta_len, payload_len, _, _ = _RECORD.unpack(data[offset : offset + RECORD_HEADER_BYTES])
+        if magic != RECORD_MAGIC:  # not a record: the cut cannot be told apart from corruption
+            return index, None
         meta_start = offset + RECORD_HEADER_BYTES
         end = meta_start + _aligned(meta_len) + _aligned(payload_len)
         if end > len(data):
@@ -418,21 +458,21 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview,
     return record, {stream["role"]: stream["length"] for stream in meta["streams"]}
 
 
-def _check_header(data: memoryview, source: str) -> tuple[int, int, bytes]:
+def _check_header(data: "memoryview | _FileBytes", source: str) -> tuple[int, int, bytes]:
     """(record_count, file_size, graph_hash) from a header that passed every check."""
-    if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
+    if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data[: len(data)])):
         raise SidecarError(f"{source}: file is truncated ({len(data)} bytes; the header alone is {HEADER_BYTES})")
     if bytes(data[: len(MAGIC)]) != MAGIC:
         raise SidecarError(f"{source}: not a modelsqueeze sidecar (bad magic {bytes(data[:8])!r})")
     if len(data) >= 12:
-        (version,) = struct.unpack_from("<I", data, 8)
+        (version,) = struct.unpack("<I", data[8:12])
         if version != VERSION:
             raise SidecarError(
                 f"sidecar {source} is format version {version}; this modelsqueeze reads version {VERSION}"
             )
     if len(data) < HEADER_BYTES:
         raise SidecarError(f"{source}: file is truncated ({len(data)} bytes; the header alone is {HEADER_BYTES})")
-    _, _, record_count, file_size, graph_hash, reserved, crc = _HEADER.unpack_from(data)
+    _, _, record_count, file_size, graph_hash, reserved, crc = _HEADER.unpack(data[:HEADER_BYTES])
     if zlib.crc32(data[: HEADER_BYTES - 4]) != crc:
         raise SidecarError(f"{source}: header checksum mismatch (file is corrupt)")
     if reserved != 0:
@@ -453,7 +493,10 @@ def _check_header(data: memoryview, source: str) -> tuple[int, int, bytes]:
 def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>", expect: Expect | None = None) -> Sidecar:
     """The records in sidecar `data`; every inconsistency is a SidecarError naming `source` and the
     record. `expect(name, shape, dtype)` vets each record before any of its streams is decoded."""
-    data = memoryview(data).cast("B")
+    return _decode(memoryview(data).cast("B"), source, expect)
+
+
+def _decode(data: "memoryview | _FileBytes", source: str, expect: Expect | None) -> Sidecar:
     record_count, file_size, graph_hash = _check_header(data, source)
     records: dict[str, CompressedTensor] = {}
     record_bytes: dict[str, int] = {}
@@ -463,7 +506,7 @@ def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>", expect: 
         where = _where(source, index, None)
         if offset + RECORD_HEADER_BYTES > file_size:
             raise SidecarError(f"{where}: starts at byte {offset}, past the end of the file (file is corrupt)")
-        magic, meta_len, payload_len, crc, reserved = _RECORD.unpack_from(data, offset)
+        magic, meta_len, payload_len, crc, reserved = _RECORD.unpack(data[offset : offset + RECORD_HEADER_BYTES])
         if magic != RECORD_MAGIC or reserved != 0:
             raise SidecarError(f"{where}: bad record header at byte {offset} (file is corrupt)")
         if meta_len > MAX_META_BYTES:
@@ -476,7 +519,7 @@ def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>", expect: 
         meta_bytes = data[meta_start : meta_start + meta_len]
         name = _peek_name(meta_bytes)
         where = _where(source, index, name)
-        if zlib.crc32(data[meta_start:end]) != crc:
+        if _crc32(data, meta_start, end) != crc:  # before the payload is read (a file: in chunks)
             raise SidecarError(f"{where}: checksum mismatch (file is corrupt)")
         if any(data[meta_start + meta_len : payload_start]):
             raise SidecarError(f"{where}: non-zero padding after the metadata (file is corrupt)")
@@ -497,14 +540,19 @@ def decode_sidecar(data: bytes | memoryview, source: str = "<sidecar>", expect: 
 
 
 def read_sidecar(path: str | Path, expect: Expect | None = None) -> Sidecar:
-    """Read and decode the sidecar file at `path` (`expect`: see decode_sidecar)."""
+    """Read and decode the sidecar file at `path` (`expect`: see decode_sidecar). Only a regular
+    file is opened, and it is read a part at a time as each part is checked: a bad header in a
+    3 GB file costs its 64 bytes, a bad record the bytes up to it (checksums are computed in
+    chunks before a payload is held)."""
     path = Path(path)
-    if path.is_dir():
-        raise SidecarError(f"{path} is a directory, not a sidecar file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SidecarError(f"sidecar {path} not found") from None
-    except OSError as exc:
-        raise SidecarError(f"cannot read sidecar {path}: {exc.strerror or exc}") from None
-    return decode_sidecar(data, source=str(path), expect=expect)
+        handle = open_input(path, "a sidecar file")
+    except ModelSqueezeError as exc:
+        if not path.exists() and not path.is_symlink():
+            raise SidecarError(f"sidecar {path} not found") from None
+        raise SidecarError(str(exc)) from None
+    with handle:
+        try:
+            return _decode(_FileBytes(handle), str(path), expect)
+        except OSError as exc:
+            raise SidecarError(f"cannot read sidecar {path}: {exc.strerror or exc}") from None

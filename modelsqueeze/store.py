@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import open_input
 
 PREFIX = "modelsqueeze-lazy:"
 # Tensors of at least this many bytes of data are kept out of the protobuf.
@@ -66,7 +67,7 @@ class FileRange(Source):
         changed = ModelSqueezeError(f"{self.path}: the file changed or shrank while in use (it was replaced or "
                                     f"rewritten after it was loaded); run the command again")
         try:
-            with open(self.path, "rb") as handle:
+            with open_input(self.path, "a weights file") as handle:
                 st = os.fstat(handle.fileno())
                 if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
                     raise changed

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from modelsqueeze.errors import ModelSqueezeError
+from modelsqueeze.files import open_input
 from modelsqueeze import model as _model
 from modelsqueeze.model import model_to_bytes, save_model, tensor_bytes
 
@@ -150,12 +151,11 @@ def _n_samples(feeds: Mapping[str, np.ndarray]) -> int:
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
-    if not path.exists():
-        raise ModelSqueezeError(f"{path}: no such file")
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory, expected a .npz file")
+    handle = open_input(path, "a .npz file")  # a named pipe or device is refused, never waited on
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(handle, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ModelSqueezeError(f"{path}: a single .npy array; expected a .npz archive of named arrays")
         with loaded as npz:
@@ -164,6 +164,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError, TypeError, KeyError) as exc:
         raise ModelSqueezeError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    finally:
+        handle.close()
     for key, array in arrays.items():
         if not isinstance(array, np.ndarray):
             raise ModelSqueezeError(f"{path}: member {key!r} is not a numpy array")

@@ -4,7 +4,10 @@ read only when it is a regular file of the size its header declares."""
 
 from __future__ import annotations
 
+import os
+import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import modelsqueeze.model
 from modelsqueeze import store
 from modelsqueeze.model import graph_hash, load_model
 from modelsqueeze.pack import load_pair
-from modelsqueeze.sidecar import SidecarError, decode_sidecar, read_sidecar
+from modelsqueeze.sidecar import MAGIC, SidecarError, decode_sidecar, read_sidecar
 
 from capped import assert_refused
 from cli_helpers import invoke, ok, refused
@@ -224,3 +227,87 @@ def test_a_record_transposed_against_its_graph_is_refused_for_every_written_form
     (tmp_path / "out.msq").write_bytes(build(parts, graph_of(data)))
     line = refused("report", out)
     assert "(784, 300) differs from the graph's tensor (300, 784)" in line, line
+
+
+# --- 3. special files: never a hang, an endless read or a read of a whole huge file ----------------
+
+@pytest.fixture
+def specials(tmp_path, mlp_path, mlp_data):
+    """A folder holding a pair and its inputs, and special files to put in their places."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    assert invoke("cluster", mlp_path, "-o", folder / "c.onnx", "--bits", "2", "--quiet").exit_code == 0
+    (folder / "data.npz").write_bytes(mlp_data.read_bytes())
+    os.mkfifo(folder / "fifo")
+    os.symlink("/dev/zero", folder / "zero")
+    return folder
+
+
+def _special_sidecar(folder: Path, kind: str) -> None:
+    side = folder / "c.msq"
+    side.unlink()
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "link to /dev/zero":
+        os.symlink("/dev/zero", side)
+    elif kind == "3 GB sparse, bad magic":
+        with open(side, "wb") as handle:
+            handle.truncate(3 << 30)
+    elif kind.startswith("3 GB sparse, valid header declaring"):
+        declared = (3 << 30) if kind.endswith("3 GB") else (4 << 30)
+        header = struct.pack("<8sIIQ32sI", MAGIC, 1, 1, declared, bytes(32), 0)
+        with open(side, "wb") as handle:
+            handle.write(header + struct.pack("<I", zlib.crc32(header)))
+            handle.truncate(3 << 30)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("fifo", "is a named pipe, expected a sidecar file"),
+    ("link to /dev/zero", "is a character device, expected a sidecar file"),
+    ("3 GB sparse, bad magic", "bad magic"),
+    ("3 GB sparse, valid header declaring 3 GB", "bad record header"),
+    ("3 GB sparse, valid header declaring 4 GB", "file is truncated"),
+])
+@pytest.mark.parametrize("command", ["report", "eval", "unpack"])
+def test_a_special_or_huge_sidecar_is_one_error_line(specials, kind, expected, command):
+    """The sidecar beside a model: a named pipe used to hang forever, a link to /dev/zero read until
+    out of memory, a 3 GB sparse file cost 3.2 GB to say 'bad magic'. Now: a regular file only,
+    its header read first (64 bytes), and at most as much as one record header says is there."""
+    _special_sidecar(specials, kind)
+    args = {"report": ["report", specials / "c.onnx"],
+            "eval": ["eval", specials / "c.onnx", "--data", specials / "data.npz"],
+            "unpack": ["unpack", specials / "c.onnx", "-o", specials / "u.onnx"]}[command]
+    line = assert_refused(args, specials, timeout=30)
+    assert expected in line and "c.msq" in line, line
+
+
+@pytest.mark.parametrize("where", ["fifo", "zero"])
+@pytest.mark.parametrize("option", ["model", "--data", "--validate", "--calibration", "recipe", "--baseline-json",
+                                    "--baseline", "--reference"])
+def test_every_input_file_refuses_a_named_pipe_or_a_device(specials, where, option):
+    special, pair = specials / where, specials / "c.onnx"
+    what = "a named pipe" if where == "fifo" else "a character device"
+    args = {
+        "model": ["report", special],
+        "--data": ["eval", pair, "--data", special],
+        "--validate": ["prune", pair, "-o", specials / "p.onnx", "--sparsity", "0.5", "--validate", special],
+        "--calibration": ["prune", pair, "-o", specials / "p.onnx", "--sparsity", "0.5", "--calibration", special],
+        "recipe": ["run", special],
+        "--baseline-json": ["report", pair, "--baseline-json", special, "--max-growth", "1%"],
+        "--baseline": ["report", pair, "--baseline", special],
+        "--reference": ["eval", pair, "--reference", special, "--random", "4"],
+    }[option]
+    line = assert_refused(args, specials, timeout=30)
+    assert f"is {what}" in line, line
+
+
+def test_external_data_that_is_a_named_pipe_is_refused_at_load(tmp_path):
+    """A model whose external data file is a named pipe: refused when the model is loaded, before
+    any weight is read (the read would wait for a writer forever)."""
+    from conftest import SAMPLES
+    model = onnx.load(str(SAMPLES / "lenet300.onnx"))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=1024)
+    (tmp_path / "m.data").unlink()
+    os.mkfifo(tmp_path / "m.data")
+    line = assert_refused(["report", tmp_path / "m.onnx"], tmp_path, timeout=30)
+    assert "m.data" in line and "is a named pipe" in line, line
