@@ -94,6 +94,8 @@ def layer_view(model: onnx.ModelProto, info: WeightInfo) -> LayerView | str:
     if len(info.consumers) != 1:
         return f"is read by {len(info.consumers)} nodes (shared weight), not calibrated"
     consumer = info.consumers[0]
+    if consumer.via:
+        return f"reaches its {consumer.op} through {consumer.via}; not calibrated"
     if consumer.op not in ("MatMul", "Gemm", "Conv"):
         return f"is a {consumer.op} input; calibration covers MatMul, Gemm and Conv weights only"
     if consumer.input_index == 0 and consumer.op in ("MatMul", "Gemm"):

@@ -72,6 +72,7 @@ class Consumer:
     node: str
     op: str
     input_index: int
+    via: str = ""  # the shape-only ops between the tensor and this node ("Slice>Concat>Unsqueeze"), if any
 
 
 @dataclass(eq=False)
@@ -394,49 +395,123 @@ def _consumer_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[str, in
     return _WEIGHT_INPUTS.get((op, index), ("other", None, None))
 
 
+# Ops that only move, cut, join or retype a tensor's values: a weight read through them (PyTorch
+# reorders LSTM gates with Slice → Concat → Unsqueeze) is still that node's weight. The value is the
+# data inputs they pass on (Concat: all of them).
+_SHAPE_ONLY_INPUTS = {"Cast": (0,), "Identity": (0,), "Slice": (0,), "Concat": None, "Split": (0,),
+                      "Unsqueeze": (0,), "Squeeze": (0,), "Transpose": (0,), "Reshape": (0,), "Flatten": (0,)}
+
+
+@dataclass(frozen=True)
+class _Alias:
+    """A value computed from a stored tensor by shape-only ops: which tensor, through which ops,
+    and for each axis of the value, the tensor's axis it comes from (None: unknown or new)."""
+
+    key: str
+    via: tuple[str, ...]
+    axes: tuple[int | None, ...]
+
+
+def _int_list(name: str, ints: dict[str, list[int]], node: onnx.NodeProto, attr: str) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == attr:
+            return list(a.ints)
+    return ints.get(name) if name else None
+
+
+def _through(node: onnx.NodeProto, axes: tuple[int | None, ...], ints: dict[str, list[int]]) -> tuple[int | None, ...] | None:
+    """The axis map of a shape-only node's output from its data input's (None: rank unknown)."""
+    op = node.op_type
+    if op in ("Cast", "Identity", "Slice", "Concat", "Split"):
+        return axes
+    if op == "Transpose":
+        perm = _int_list("", ints, node, "perm") or list(reversed(range(len(axes))))
+        return tuple(axes[p] if 0 <= p < len(axes) else None for p in perm)
+    if op in ("Unsqueeze", "Squeeze"):
+        given = _int_list(node.input[1] if len(node.input) > 1 else "", ints, node, "axes")
+        if given is None:
+            return None
+        if op == "Unsqueeze":
+            rank = len(axes) + len(given)
+            inserted = {a % rank for a in given}
+            rest = iter(axes)
+            return tuple(None if a in inserted else next(rest, None) for a in range(rank))
+        removed = {a % max(len(axes), 1) for a in given}
+        return tuple(a for i, a in enumerate(axes) if i not in removed)
+    return None  # Reshape, Flatten: the axes are regrouped
+
+
 def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     """Every float tensor held in the model (initializers, Constant nodes, subgraphs), with its
-    consumers and layout, in the order the graph first uses them. Names resolve by scope, so a subgraph that reads an
-    outer initializer is one of that initializer's consumers."""
+    consumers and layout, in the order the graph first uses them. Names resolve by scope, so a
+    subgraph that reads an outer initializer is one of that initializer's consumers; a tensor read
+    through shape-only ops (Slice, Concat, Unsqueeze, Transpose, Cast, ...) has the node after them
+    as its consumer, with its axes mapped back through them."""
     found: dict[str, WeightInfo] = {}
-    uses: dict[str, list[tuple[onnx.NodeProto, str, int]]] = {}
+    uses: dict[str, list[tuple[onnx.NodeProto, str, int, tuple[str, ...], tuple[int | None, ...] | None]]] = {}
 
-    def walk(graph: onnx.GraphProto, path: str, scope: dict[str, str | None]) -> None:
-        scope = dict(scope)
+    def walk(graph: onnx.GraphProto, path: str, scope: dict[str, object], ints: dict[str, list[int]]) -> None:
+        scope, ints = dict(scope), dict(ints)
         for inp in graph.input:
             scope[inp.name] = None
+            ints.pop(inp.name, None)
         for tensor in graph.initializer:
             _add(found, tensor.name, path, "initializer", tensor)
             scope[tensor.name] = _key(path, tensor.name)
+            if tensor.data_type == onnx.TensorProto.INT64 and len(tensor.dims) <= 1 and not store.is_stub(tensor):
+                ints[tensor.name] = [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
         for sparse in graph.sparse_initializer:
             _add(found, sparse.values.name, path, "sparse_initializer", sparse)
             scope[sparse.values.name] = _key(path, sparse.values.name)
         for node_index, node in enumerate(graph.node):
             label = node_name(node, node_index)
             qualified = _key(path, label)
+            passes_on = node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_ONLY_INPUTS
+            data_inputs = _SHAPE_ONLY_INPUTS.get(node.op_type) if passes_on else ()
+            carried: list[_Alias] = []
             for i, name in enumerate(node.input):
-                key = scope.get(name)
-                if key is not None:
-                    uses.setdefault(key, []).append((node, qualified, i))
+                target = scope.get(name)
+                if target is None:
+                    continue
+                aliases = target if isinstance(target, list) else [
+                    _Alias(target, (), tuple(range(len(found[target].shape)))) if target in found else None]
+                for alias in aliases:
+                    if alias is None:
+                        continue
+                    if passes_on and (data_inputs is None or i in data_inputs):
+                        mapped = _through(node, alias.axes, ints)
+                        carried.append(_Alias(alias.key, alias.via + (node.op_type,), mapped if mapped is not None else ()))
+                    else:
+                        uses.setdefault(alias.key, []).append((node, qualified, i, alias.via, alias.axes))
             for attr in node.attribute:
                 subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for j, sub in enumerate(subs):
                     sub_label = f"{label}/{attr.name}" + (f"[{j}]" if len(subs) > 1 else "")
-                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope)
+                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope, ints)
             const = _constant_tensor(node)
             for out in node.output:
-                scope[out] = None
+                scope[out] = carried or None
+                ints.pop(out, None)
             if const is not None and node.output:
                 _add(found, node.output[0], path, "constant", const)
                 scope[node.output[0]] = _key(path, node.output[0])
+                if const.data_type == onnx.TensorProto.INT64 and len(const.dims) <= 1:
+                    ints[node.output[0]] = [int(v) for v in numpy_helper.to_array(const).reshape(-1)]
 
-    walk(model.graph, "", {})
+    walk(model.graph, "", {}, {})
     # Graph order: by first use (uses fills in node order), unused tensors last.
     first_use = {key: i for i, key in enumerate(uses)}
     weights = []
     for key, info in sorted(found.items(), key=lambda item: first_use.get(item[0], len(first_use))):
-        consumers = tuple(Consumer(label, node.op_type, i) for node, label, i in uses.get(key, ()))
-        layouts = {_consumer_axes(node, i, len(info.shape)) for node, _, i in uses.get(key, ())}
+        seen = uses.get(key, ())
+        consumers = tuple(Consumer(label, node.op_type, i, ">".join(via)) for node, label, i, via, _ in seen)
+        layouts = set()
+        for node, _, i, via, axes in seen:
+            role, channel, reduction = _consumer_axes(node, i, len(axes) if axes else len(info.shape))
+            if via:  # the consumer's axes, mapped back to the stored tensor's (None where they are lost)
+                channel, reduction = (axes[a] if axes and a is not None and a < len(axes) else None
+                                      for a in (channel, reduction))
+            layouts.add((role, channel, reduction))
         role = max((r for r, _, _ in layouts), key=_ROLE_RANK.__getitem__, default="other")
         axes = {(c, r) for rl, c, r in layouts if rl == role}
         channel_axis, reduction_axis = axes.pop() if len(axes) == 1 else (None, None)

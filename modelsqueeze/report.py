@@ -19,6 +19,8 @@ from rich.text import Text
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.files import read_input
 from modelsqueeze.model import (
+    COMPRESSIBLE_ROLES,
+    WeightInfo,
     find_weights,
     load_model,
     model_to_bytes,
@@ -44,6 +46,8 @@ class TensorRow:
     # and the Shannon entropy of the codes, the limit any entropy coder can reach.
     index_bits_stored: float | None = None
     index_entropy_bits: float | None = None
+    # Why the compression commands leave this tensor alone by default (None: they do not).
+    left_out: str | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -106,12 +110,20 @@ class Report:
             "bits_per_nonzero": 8.0 * stored / (params - zeros) if params > zeros else 0.0,
         }
 
+    def left_out(self) -> list[dict]:
+        """The float tensors the commands leave alone by default, with why and their share of all
+        the float tensors' bytes: what a ratio cannot reach without `--layers`."""
+        total = sum(t.original_bytes for t in self.tensors) or 1
+        rows = [t for t in self.tensors if t.left_out]
+        return [{"name": t.name, "reason": t.left_out, "bytes": t.original_bytes, "share": t.original_bytes / total}
+                for t in sorted(rows, key=lambda t: -t.original_bytes)]
+
     def to_dict(self) -> dict:
         data = asdict(self)
         for row, obj in zip(data["tensors"], self.tensors):
             row["bits_per_weight"] = obj.bits_per_weight
             row["bits_per_nonzero"] = obj.bits_per_nonzero
-        data.update(totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, growth_pct=self.growth_pct,
+        data.update(left_out=self.left_out(), totals=self.totals(), ratio=self.ratio, drop_pp=self.drop_pp, growth_pct=self.growth_pct,
                     ok=not self.failures)
         return data
 
@@ -135,6 +147,17 @@ def entropy_bits(symbols: np.ndarray) -> float:
     counts = np.bincount(symbols.astype(np.int64))
     p = counts[counts > 0] / symbols.size
     return float(-(p * np.log2(p)).sum())
+
+
+def left_out_reason(info: WeightInfo, recorded: bool) -> str | None:
+    """Why the compression commands leave `info` alone by default, or None."""
+    if recorded or info.role in COMPRESSIBLE_ROLES:
+        return None
+    if not info.consumers:
+        return "read by no node"
+    if info.role in ("bias", "norm"):
+        return f"a {info.role} of {info.ops}"
+    return f"read by {info.ops}, not as a layer's weight"
 
 
 def tensor_rows(pair: Pair) -> list[TensorRow]:
@@ -164,6 +187,7 @@ def tensor_rows(pair: Pair) -> list[TensorRow]:
                 sparsity=float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0,
                 unique_values=int(np.unique(array).size), original_bytes=int(array.nbytes), stored_bytes=int(stored),
                 index_bits_stored=codes_stored, index_entropy_bits=codes_entropy,
+                left_out=left_out_reason(info, record is not None),
             )
         )
     return rows
@@ -284,6 +308,12 @@ def _summary_lines(report: Report) -> list[tuple[str, str]]:
         lines.append(("baseline", f"{_fmt_bytes(report.baseline_bytes)} B ({report.baseline})"))
         lines.append(("gzip -9 of baseline", f"{_fmt_bytes(report.baseline_gzip_bytes)} B"))
         lines.append(("ratio", f"{report.ratio:.2f}x"))
+    left = report.left_out()
+    if left:
+        share = sum(row["share"] for row in left)
+        top = left[0]
+        lines.append(("left out by default", f"{len(left)} tensors, {100 * share:.1f}% of the float bytes "
+                                              f"(largest: {top['name']}, {top['reason']})"))
     if report.accuracy is not None:
         lines.append(("accuracy", f"{100 * report.accuracy:.2f}%"))
     if report.baseline_accuracy is not None:

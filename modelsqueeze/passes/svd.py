@@ -137,6 +137,8 @@ def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
     if len(info.consumers) != 1:
         return f"is read by {len(info.consumers)} nodes (shared weight), left alone"
     consumer = info.consumers[0]
+    if consumer.via:
+        return f"reaches its {consumer.op} through {consumer.via}; left alone"
     if consumer.op not in ("MatMul", "Gemm", "Conv"):
         return f"is a {consumer.op} weight; svd factors MatMul, Gemm and Conv weights only"
     if consumer.input_index != 1:
