@@ -23,7 +23,7 @@ from rich.text import Text
 
 from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
-from modelsqueeze.model import atomic_write_bytes, check_output, find_weights
+from modelsqueeze.model import atomic_write_bytes, check_output, find_weights, model_file_bytes
 from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, check_outputs, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
                                unpack as unpack_pair, write_pair)
 from modelsqueeze.passes import parallel, watching
@@ -404,8 +404,11 @@ def _transform(
     summary.update(
         tensors=_step_rows(before_rows, final, record_bytes, changed), notes=[n for o in outcomes for n in o.notes],
         packed_bytes_before=before_size,
-        packed_bytes_after=skeleton_size(final, records.values()) + sidecar_path(output).stat().st_size,
+        packed_bytes_after=(skeleton_size(final, records.values()) + sidecar_path(output).stat().st_size
+                            if records else model_file_bytes(output)),
     )
+    if not records:
+        summary["sidecar"] = None
     del final, records
     if len(steps) > 1 or command in ("pipeline", "run"):
         summary["steps"] = [

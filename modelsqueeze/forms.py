@@ -3,9 +3,11 @@ built from standard ops, whichever is smaller: sparse as ScatterElements of the 
 zeros, weight sharing as Gather(codebook, Cast(uint8/uint16 indices)), or both together, linear
 quantization as DequantizeLinear of int8/uint8/int4/uint4 codes.
 
-Every form of tensor NAME owns the nodes named `msq/NAME/...` and the initializers `NAME` or
-`NAME::...`; `remove` deletes exactly those, so a graph can be re-rendered or turned back into
-plain dense weights.
+Every form of tensor NAME owns the nodes named `msq/NAME/<step>` (one of FORM_STEPS) and the
+initializers they read, or the initializer `NAME` itself; `remove` deletes exactly those, so a
+graph can be re-rendered or turned back into plain dense weights. The tensors a form adds are named
+`NAME::<part>`, with more colons where the model already has a name of that shape (PyTorch names
+tensors `onnx::LSTM_209`): no name the tool adds is one the model has.
 """
 
 from __future__ import annotations
@@ -20,15 +22,41 @@ from modelsqueeze import store
 from modelsqueeze.kernels.quant import qrange
 from modelsqueeze.tensor import CompressedTensor
 
-AUX = "::"  # separates a tensor's name from its form's own initializers
+AUX = "::"  # separates a tensor's name from its form's own tensors (repeated as needed: see form_tag)
+FORM_STEPS = ("cast", "gather", "zeros", "scatter", "reshape", "dequantize")
 
 
 def node_prefix(name: str) -> str:
     return f"msq/{name}/"
 
 
-def owns_initializer(name: str, initializer: str) -> bool:
-    return initializer == name or initializer.startswith(name + AUX)
+def form_nodes(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    """The nodes of `name`'s form: exactly the names this module gives them."""
+    names = {node_prefix(name) + step for step in FORM_STEPS}
+    return [n for n in graph.node if n.name in names and n.domain in ("", "ai.onnx")]
+
+
+def owned_initializers(graph: onnx.GraphProto, name: str) -> set[str]:
+    """The initializers that belong to `name`'s form: `name` itself, or those its nodes read."""
+    inits = {t.name for t in graph.initializer}
+    owned = {name} & inits
+    for node in form_nodes(graph, name):
+        owned.update(i for i in node.input if i in inits)
+    return owned
+
+
+def form_tag(graph: onnx.GraphProto, name: str) -> str:
+    """The prefix of the tensors `name`'s form adds: `NAME::`, or `NAME:::` and so on until no
+    name in the graph (other than the current form's own) starts with it."""
+    own = owned_initializers(graph, name) | {o for n in form_nodes(graph, name) for o in n.output}
+    taken = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    taken |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    taken |= {x for n in graph.node for x in (*n.input, *n.output)}
+    taken -= own
+    sep = AUX
+    while any(t.startswith(name + sep) for t in taken):
+        sep += ":"
+    return name + sep
 
 
 def opset(model: onnx.ModelProto) -> int:
@@ -38,14 +66,13 @@ def opset(model: onnx.ModelProto) -> int:
 def remove(graph: onnx.GraphProto, name: str) -> None:
     """Delete whatever currently defines tensor `name`: its form's nodes and initializers, a
     Constant node producing it, a sparse initializer of that name."""
-    prefix = node_prefix(name)
-    doomed = [n for n in graph.node if n.name.startswith(prefix)
-              or (n.op_type == "Constant" and list(n.output) == [name])]
+    owned = owned_initializers(graph, name)
+    doomed = form_nodes(graph, name) + [n for n in graph.node if n.op_type == "Constant" and list(n.output) == [name]]
     for node in doomed:
         graph.node.remove(node)
-    for tensor in [t for t in graph.initializer if owns_initializer(name, t.name)]:
+    for tensor in [t for t in graph.initializer if t.name in owned]:
         graph.initializer.remove(tensor)
-    for sparse in [t for t in graph.sparse_initializer if owns_initializer(name, t.values.name)]:
+    for sparse in [t for t in graph.sparse_initializer if t.values.name == name]:
         graph.sparse_initializer.remove(sparse)
 
 
@@ -103,59 +130,59 @@ def _index_dtype(n_codes: int) -> type:
     return np.uint8 if n_codes <= 256 else np.uint16
 
 
-def _gathered(name: str, record: CompressedTensor, out: str, shape: tuple[int, ...], codebook: np.ndarray,
+def _gathered(name: str, tag: str, record: CompressedTensor, out: str, shape: tuple[int, ...], codebook: np.ndarray,
               indices) -> tuple[list, list]:
     """`out` = Gather(codebook, Cast(indices)) with indices of `shape`, in the smallest unsigned
     type; `indices()` gives them."""
     prefix = node_prefix(name)
     inits = [
-        numpy_helper.from_array(codebook.astype(record.dtype), f"{name}{AUX}codebook"),
-        _lazy(f"{name}{AUX}indices", _index_dtype(codebook.size), shape, indices),
+        numpy_helper.from_array(codebook.astype(record.dtype), f"{tag}codebook"),
+        _lazy(f"{tag}indices", _index_dtype(codebook.size), shape, indices),
     ]
     nodes = [
-        helper.make_node("Cast", [f"{name}{AUX}indices"], [f"{name}{AUX}indices_i64"], name=prefix + "cast",
+        helper.make_node("Cast", [f"{tag}indices"], [f"{tag}indices_i64"], name=prefix + "cast",
                          to=onnx.TensorProto.INT64),
-        helper.make_node("Gather", [f"{name}{AUX}codebook", f"{name}{AUX}indices_i64"], [out], name=prefix + "gather", axis=0),
+        helper.make_node("Gather", [f"{tag}codebook", f"{tag}indices_i64"], [out], name=prefix + "gather", axis=0),
     ]
     return inits, nodes
 
 
-def _gather(name: str, record: CompressedTensor) -> tuple[list, list]:
+def _gather(name: str, tag: str, record: CompressedTensor) -> tuple[list, list]:
     """Every element as a code: pruned zeros get code 0 of a codebook with 0.0 prepended."""
     codebook = record.codebook
     if record.positions is None:
-        return _gathered(name, record, name, record.shape, codebook, lambda: record.indices)
+        return _gathered(name, tag, record, name, record.shape, codebook, lambda: record.indices)
 
     def codes() -> np.ndarray:
         dense = np.zeros(record.n_params, _index_dtype(codebook.size + 1))  # 1-2 bytes a weight
         dense[record.positions] = record.indices.astype(dense.dtype) + dense.dtype.type(1)
         return dense
 
-    return _gathered(name, record, name, record.shape, np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes)
+    return _gathered(name, tag, record, name, record.shape, np.concatenate([np.zeros(1, codebook.dtype), codebook]), codes)
 
 
-def _scatter(name: str, record: CompressedTensor) -> tuple[list, list]:
+def _scatter(name: str, tag: str, record: CompressedTensor) -> tuple[list, list]:
     """Non-zeros scattered into a flat zero tensor, then reshaped: 4-byte positions + the values
     (or, for a shared codebook, Gather of the stored entries' codes)."""
     n = record.n_params
     index_dtype = np.int32 if n < 2**31 else np.int64
     if record.codebook is not None:
-        inits, nodes = _gathered(name, record, f"{name}{AUX}values", (record.n_stored,), record.codebook,
+        inits, nodes = _gathered(name, tag, record, f"{tag}values", (record.n_stored,), record.codebook,
                                  lambda: record.indices)
     else:
-        inits, nodes = [_lazy(f"{name}{AUX}values", record.dtype, (record.n_stored,), record.stored_values)], []
+        inits, nodes = [_lazy(f"{tag}values", record.dtype, (record.n_stored,), record.stored_values)], []
     inits += [
-        _lazy(f"{name}{AUX}positions", index_dtype, (record.n_stored,), lambda: record.positions.astype(index_dtype)),
-        numpy_helper.from_array(np.array([n], np.int64), f"{name}{AUX}size"),
-        numpy_helper.from_array(np.array(record.shape, np.int64), f"{name}{AUX}shape"),
+        _lazy(f"{tag}positions", index_dtype, (record.n_stored,), lambda: record.positions.astype(index_dtype)),
+        numpy_helper.from_array(np.array([n], np.int64), f"{tag}size"),
+        numpy_helper.from_array(np.array(record.shape, np.int64), f"{tag}shape"),
     ]
     zero = numpy_helper.from_array(np.zeros(1, record.dtype))
     prefix = node_prefix(name)
     nodes += [
-        helper.make_node("ConstantOfShape", [f"{name}{AUX}size"], [f"{name}{AUX}zeros"], name=prefix + "zeros", value=zero),
-        helper.make_node("ScatterElements", [f"{name}{AUX}zeros", f"{name}{AUX}positions", f"{name}{AUX}values"],
-                         [f"{name}{AUX}flat"], name=prefix + "scatter", axis=0),
-        helper.make_node("Reshape", [f"{name}{AUX}flat", f"{name}{AUX}shape"], [name], name=prefix + "reshape"),
+        helper.make_node("ConstantOfShape", [f"{tag}size"], [f"{tag}zeros"], name=prefix + "zeros", value=zero),
+        helper.make_node("ScatterElements", [f"{tag}zeros", f"{tag}positions", f"{tag}values"],
+                         [f"{tag}flat"], name=prefix + "scatter", axis=0),
+        helper.make_node("Reshape", [f"{tag}flat", f"{tag}shape"], [name], name=prefix + "reshape"),
     ]
     return inits, nodes
 
@@ -182,7 +209,7 @@ def _int_tensor(name: str, shape: tuple[int, ...], bits: int, signed: bool, make
     return store.lazy_tensor(name, np.uint8, shape, store.Held(packed, nbytes), data_type=data_type)
 
 
-def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[list, list] | None:
+def _dequantize(name: str, tag: str, record: CompressedTensor, model_opset: int) -> tuple[list, list] | None:
     """DequantizeLinear of the integer codes (pruned entries hold the zero point, so they give 0):
     per tensor from opset 10, per axis from 13, 4-bit and block-wise from 21; else None."""
     bits = record.index_bits
@@ -200,9 +227,9 @@ def _dequantize(name: str, record: CompressedTensor, model_opset: int) -> tuple[
 
     container = bits if (bits <= 4 and model_opset >= 21) else max(bits, 8)
     inits = [
-        _int_tensor(f"{name}{AUX}q", record.shape, container, record.signed, codes),
-        numpy_helper.from_array(record.scale.astype(np.float32), f"{name}{AUX}scale"),
-        _int_tensor(f"{name}{AUX}zero_point", record.scale.shape, container, record.signed,
+        _int_tensor(f"{tag}q", record.shape, container, record.signed, codes),
+        numpy_helper.from_array(record.scale.astype(np.float32), f"{tag}scale"),
+        _int_tensor(f"{tag}zero_point", record.scale.shape, container, record.signed,
                     lambda: zero_point.reshape(record.scale.shape)),
     ]
     attrs = {}
@@ -218,18 +245,20 @@ def _size(form: tuple[list, list]) -> int:
     return sum(store.inline_size(t) for t in form[0]) + sum(n.ByteSize() for n in form[1])
 
 
-def choose(name: str, record: CompressedTensor, model_opset: int, dense: bool = False):
-    """The smallest form this record can take at this opset (dense when asked)."""
+def choose(name: str, record: CompressedTensor, model_opset: int, dense: bool = False, tag: str | None = None):
+    """The smallest form this record can take at this opset (dense when asked); the tensors a
+    compact form adds are named `tag + part` (`form_tag`)."""
     forms = [_dense(name, record)]
     if dense:
         return forms[0]
+    tag = name + AUX if tag is None else tag
     # ScatterElements needs opset 11; a 0-d tensor has nothing to scatter into.
     if record.positions is not None and model_opset >= 11 and record.shape:
-        forms.append(_scatter(name, record))
+        forms.append(_scatter(name, tag, record))
     if record.codebook is not None and record.codebook.size + (record.positions is not None) <= 2**16:
-        forms.append(_gather(name, record))
+        forms.append(_gather(name, tag, record))
     if record.scale is not None:
-        forms += [f for f in [_dequantize(name, record, model_opset)] if f is not None]
+        forms += [f for f in [_dequantize(name, tag, record, model_opset)] if f is not None]
     return min(forms, key=_size)
 
 
@@ -237,7 +266,7 @@ def emit(graph: onnx.GraphProto, name: str, record: CompressedTensor, model_opse
     """Replace whatever defines `name` in `graph` by the record's chosen form. A dense initializer
     keeps its place in the initializer list; form nodes go first in the graph (they read only
     initializers, so topological order holds)."""
-    inits, nodes = choose(name, record, model_opset, dense)
+    inits, nodes = choose(name, record, model_opset, dense, None if dense else form_tag(graph, name))
     position = next((i for i, t in enumerate(graph.initializer) if t.name == name), None)
     remove(graph, name)
     if position is not None and len(inits) == 1 and not nodes:

@@ -108,7 +108,8 @@ def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
     bare.CopyFrom(model)
     for record in records:
         graph, name = _graph_for_key(bare, record.name)
-        for dense in [t for t in graph.initializer if forms.owns_initializer(name, t.name)]:
+        owned = forms.owned_initializers(graph, name)
+        for dense in [t for t in graph.initializer if t.name in owned]:
             graph.initializer.remove(dense)
     return bare
 
@@ -121,15 +122,14 @@ def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -
     names = [record.name for record in records]
     if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or store.has_stubs_below(model.graph):
         return len(model_to_bytes(skeleton(model, records)))
-    owned = set(names)
     graph = model.graph
+    owned = set().union(*(forms.owned_initializers(graph, name) for name in names)) if names else set()
     old = graph.ByteSize()
     new = old
     for tensor in graph.initializer:
-        base = tensor.name.split(forms.AUX, 1)[0]
         n = tensor.ByteSize()
         entry = 1 + store.varint_bytes(n) + n  # GraphProto.initializer is field 5: a 1-byte tag
-        if base in owned and forms.owns_initializer(base, tensor.name):
+        if tensor.name in owned:
             new -= entry
         elif store.is_stub(tensor):
             real = store.inline_size(tensor)
@@ -149,7 +149,7 @@ def packed_bytes(model: onnx.ModelProto, records: Sequence[CompressedTensor],
     """`packed_size` of the pair `write_pair(model, records, ...)` would write, without writing it
     (the sidecar's length does not depend on the graph hash it carries; `record_bytes`: records'
     sizes already known, from `round_trip`)."""
-    return skeleton_size(model, records) + sidecar_size(records, record_bytes)
+    return skeleton_size(model, records) + (sidecar_size(records, record_bytes) if records else 0)
 
 
 def round_trip(
@@ -234,7 +234,7 @@ def write_pair(
     record_bytes: dict[str, int] | None = None,
 ) -> tuple[Path, Path]:
     """Render `records` into a copy of the logical `model` and write OUT.onnx and OUT.msq, both
-    atomically. Both targets are checked before either is written, so a refusal leaves nothing.
+    atomically (no records: OUT.onnx alone). Both targets are checked before either is written, so a refusal leaves nothing.
     `record_bytes`, when given, receives each record's bytes in the sidecar."""
     out = Path(out)
     side = sidecar_path(out)
@@ -249,11 +249,12 @@ def write_pair(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
-        with open(staged_side, "wb") as handle:
-            sizes = write_sidecar(handle, list(records), binding)  # a record at a time
-        if record_bytes is not None:
-            record_bytes.update(sizes)
-        os.chmod(staged_side, 0o666 & ~_umask())
+        if records:  # no record, no sidecar: the model alone is the output (an old OUT.msq goes)
+            with open(staged_side, "wb") as handle:
+                sizes = write_sidecar(handle, list(records), binding)  # a record at a time
+            if record_bytes is not None:
+                record_bytes.update(sizes)
+            os.chmod(staged_side, 0o666 & ~_umask())
         install(Path(tmp), out)
     return out, side
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import onnx
 
 from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.pack import packed_bytes, rendered, round_trip
+from modelsqueeze.model import find_weights
+from modelsqueeze.pack import packed_bytes, put_array, put_record, rendered, round_trip
 from modelsqueeze.recipe import Step
+from modelsqueeze.sidecar import record_size
 from modelsqueeze.tensor import CompressedTensor
 
 
@@ -32,6 +35,44 @@ class StepOutcome:
 
 def describe(steps: Sequence[Step]) -> str:
     return " → ".join(s.command for s in steps) if steps else "(none)"
+
+
+def _keep_only_gains(model: onnx.ModelProto, records: dict[str, CompressedTensor], result,
+                     keep_values: bool = False) -> None:
+    """No tensor is written bigger than it was: a changed tensor whose new record takes as many
+    bytes as it did before (its previous record, or its dense data) is put back as it was, with a
+    note. Tiny tensors (a record's metadata alone is ~200 B) and layouts that cannot pay (a scale
+    per weight) are left alone this way, whatever the settings. With `keep_values` (prune: the
+    zeros are what was asked for) such a tensor keeps its new values, stored dense."""
+    infos = {info.key: info for info in find_weights(model)}
+    if any(key in infos and key in result.records and tuple(infos[key].shape) != result.records[key].shape
+           for key in result.changed):
+        return  # a step that reshaped the graph (prune --shrink): its tensors go together or not at all
+    for key in list(result.changed):
+        new = result.records.get(key)
+        old = records.get(key)
+        if new is None:
+            continue
+        info = infos.get(key)
+        if info is None:  # a tensor the step added (svd factors)
+            continue
+        before = record_size(old) if old is not None else info.n_params * np.dtype(info.dtype).itemsize
+        after = record_size(new)
+        if after < before:
+            continue
+        if keep_values and old is None:
+            del result.records[key]
+            put_array(result.model, key, new.decode())
+            result.notes.append(f"{key}: stored dense ({before:,} B; as a record it would take {after:,} B)")
+            continue
+        if old is not None:
+            result.records[key] = old
+            put_record(result.model, key, old)
+        else:
+            del result.records[key]
+            put_array(result.model, key, info.array())
+        result.changed.remove(key)
+        result.notes.append(f"{key}: left as it was ({before:,} B; stored this way it would take {after:,} B)")
 
 
 def run_steps(
@@ -58,6 +99,8 @@ forgotten after each step (the caller keeps no other model of this run). A faili
             on_step(index, step)
         try:
             result = step.apply(model, records)
+            if step.command != "huffman":  # lossless, and already the smallest coding of each stream
+                _keep_only_gains(model, records, result, keep_values=step.command == "prune")
             model = written = None  # one model at a time: this step's input is let go (if the caller did)
             # The next step (and the size) sees what reloading the written pair would give; the
             # last result itself is what gets written, as a single command would write it.

@@ -13,14 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 
 # A two-layer MLP with a dynamic batch: Gemm (transB=1, like PyTorch Linear) then MatMul + Add.
-MLP_TEXT = """
+# Its weights are big enough for a compressed record to pay (1,024 and 192 weights): no tensor is
+# ever written bigger than it was, so a smaller one would simply be left alone.
+MLP_IN, MLP_HIDDEN = 16, 64
+MLP_TEXT = f"""
 <ir_version: 8, opset_import: ["" : 17]>
-mlp (float[batch, 4] x) => (float[batch, 3] logits) {
+mlp (float[batch, {MLP_IN}] x) => (float[batch, 3] logits) {{
   h = Gemm<transB = 1>(x, fc1_w, fc1_b)
   r = Relu(h)
   m = MatMul(r, fc2_w)
   logits = Add(m, fc2_b)
-}
+}}
 """
 
 
@@ -28,7 +31,8 @@ def make_mlp(seed: int = 0) -> onnx.ModelProto:
     """The MLP above with random weights as initializers."""
     rng = np.random.default_rng(seed)
     graph = onnx.parser.parse_model(MLP_TEXT)
-    for name, shape in [("fc1_w", (8, 4)), ("fc1_b", (8,)), ("fc2_w", (8, 3)), ("fc2_b", (3,))]:
+    for name, shape in [("fc1_w", (MLP_HIDDEN, MLP_IN)), ("fc1_b", (MLP_HIDDEN,)), ("fc2_w", (MLP_HIDDEN, 3)),
+                        ("fc2_b", (3,))]:
         graph.graph.initializer.append(
             onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
         )
@@ -53,7 +57,7 @@ def mlp_data(tmp_path: Path) -> Path:
     """Labelled data for the MLP whose labels are the MLP's own predictions on the first 40 of 50
     samples and deliberately wrong on the last 10 (so accuracy is exactly 0.8)."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((50, 4)).astype(np.float32)
+    x = rng.standard_normal((50, MLP_IN)).astype(np.float32)
     model = make_mlp()
     w = {t.name: store.to_array(t) for t in model.graph.initializer}
     logits = np.maximum(x @ w["fc1_w"].T + w["fc1_b"], 0) @ w["fc2_w"] + w["fc2_b"]

@@ -16,7 +16,7 @@ from modelsqueeze.calibrate import LayerView, capture, capture_pair, layer_view,
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import find_weights
 
-from conftest import SAMPLES
+from conftest import MLP_HIDDEN, MLP_IN, SAMPLES
 from modelsqueeze import store
 from modelsqueeze.model import model_to_bytes
 
@@ -380,7 +380,7 @@ def test_load_calibration_drops_labels_and_names_the_path(tmp_path):
 
 @pytest.mark.parametrize("arrays,message", [
     ({"z": np.zeros((3, 4), np.float32)}, r"calib.npz: no array for input 'x' \(arrays: z\)"),
-    ({"x": np.zeros((3, 5), np.float32)}, r"input 'x' wants shape \[batch, 4\]"),
+    ({"x": np.zeros((3, 5), np.float32)}, r"input 'x' wants shape \[batch, 16\]"),
     ({"x": np.zeros((3, 4), np.complex64)}, "wants float32, data is complex64"),
     ({"x": np.zeros((0, 4), np.float32)}, "calib.npz: no samples"),
 ])
@@ -391,7 +391,7 @@ def test_data_that_does_not_fit_the_model(mlp, arrays, message):
 
 
 def test_labels_in_the_arrays_are_ignored(mlp):
-    x = np.random.default_rng(7).standard_normal((10, 4)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((10, MLP_IN)).astype(np.float32)
     stats = capture(mlp, {"x": x, "y": np.arange(10)}, [view_of(mlp, "fc1_w"), view_of(mlp, "fc2_w")])
     assert np.allclose(stats["fc1_w"].H, gram(x), rtol=1e-6)
-    assert stats["fc2_w"].H.shape == (8, 8) and stats["fc2_w"].rows == 10
+    assert stats["fc2_w"].H.shape == (MLP_HIDDEN, MLP_HIDDEN) and stats["fc2_w"].rows == 10

@@ -20,7 +20,7 @@ from modelsqueeze.pack import write_pair
 from modelsqueeze.sidecar import encode_sidecar
 from modelsqueeze.tensor import CompressedTensor
 
-from conftest import make_mlp
+from conftest import MLP_HIDDEN, MLP_IN, make_mlp
 from modelsqueeze import store
 
 runner = CliRunner()
@@ -47,7 +47,7 @@ def test_the_sidecar_wins_over_stale_weights_in_the_graph(tmp_path, mlp_path, ml
     """A sidecar copied beside a graph with the same nodes but other weights: every command uses
     the sidecar's weights, so report, eval and unpack agree."""
     model = make_mlp()
-    zeros = CompressedTensor.raw("fc1_w", np.zeros((8, 4), np.float32))
+    zeros = CompressedTensor.raw("fc1_w", np.zeros((MLP_HIDDEN, MLP_IN), np.float32))
     out, side = write_pair(model, [zeros], tmp_path / "pair.onnx")
     stale = tmp_path / "stale"
     stale.mkdir()

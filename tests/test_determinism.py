@@ -102,7 +102,7 @@ def manifest(folder: Path) -> dict:
 
 def outputs(folder: Path, name: str) -> dict[str, bytes]:
     files = {p.name[len(name):]: p.read_bytes() for p in folder.iterdir() if p.name in (f"{name}.onnx", f"{name}.msq", f"{name}.onnx.data")}
-    assert {".onnx", ".msq"} <= set(files), (name, sorted(files))
+    assert ".onnx" in files, (name, sorted(files))  # no records (svd factors): no sidecar
     return files
 
 
@@ -117,7 +117,8 @@ def test_same_bytes_across_processes(runs, name):
     source = Path((STAGE1 | STAGE2)[name][1])
     source = source if source.is_absolute() else runs["a"] / source
     written = load_model(runs["a"] / f"{name}.onnx", check=False)
-    assert read_sidecar(runs["a"] / f"{name}.msq").records or graph_hash(written) != graph_hash(load_model(source)), \
+    side = runs["a"] / f"{name}.msq"
+    assert (side.exists() and read_sidecar(side).records) or graph_hash(written) != graph_hash(load_model(source)), \
         f"{name} changed nothing: a vacuous comparison"
 
 

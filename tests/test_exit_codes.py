@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from modelsqueeze.cli import app
 
-from conftest import make_mlp
+from conftest import MLP_IN, make_mlp
 from modelsqueeze import store
 
 runner = CliRunner()
@@ -39,7 +39,7 @@ def folder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("exit_codes")
     onnx.save_model(make_mlp(), str(d / "mlp.onnx"))
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((50, 4)).astype(np.float32)
+    x = rng.standard_normal((50, MLP_IN)).astype(np.float32)
     w = {t.name: store.to_array(t) for t in make_mlp().graph.initializer}
     y = (np.maximum(x @ w["fc1_w"].T + w["fc1_b"], 0) @ w["fc2_w"] + w["fc2_b"]).argmax(1)
     y[40:] = (y[40:] + 1) % 3

@@ -71,7 +71,6 @@ RECIPES = {
     "q4coded": ("huffman", "q4block", []),  # huffman zero points and codes
     "sparse_q8": ("quantize", "pruned", ["--bits", "8"]),  # sparse+quant
     "dense_shared": ("cluster", LENET300, ["--bits", "4", "--layers", "fc3*"]),  # codebook
-    "lowrank": ("svd", LENET300, ["--rank", "4", "--layers", "fc3*"]),  # no records: an empty sidecar
 }
 
 

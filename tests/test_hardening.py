@@ -131,27 +131,27 @@ def _decode_peak(data: bytes) -> tuple[Exception | None, int]:
 
 
 @pytest.mark.parametrize("label,parts,expected", [
-    ("indices count 2^29 for a 32-element tensor", [_codebook_record("fc1_w", [8, 4], 2**29)], "tensor stores 32 entries"),
+    ("indices count 2^29 for a 1024-element tensor", [_codebook_record("fc1_w", [64, 16], 2**29)], "tensor stores 1024 entries"),
     ("positions count over the tensor", [record(
-        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
-        [({"role": "positions", "codec": "huffman-gaps", "count": 2**29, "bits": 1, "size": 32, "symbols": 2**29,
+        {"name": "fc1_w", "dtype": "float32", "shape": [64, 16], "kind": "sparse+raw"},
+        [({"role": "positions", "codec": "huffman-gaps", "count": 2**29, "bits": 1, "size": 1024, "symbols": 2**29,
            "chunk": 2**29}, constant_huffman(0)),
-         ({"role": "values", "codec": "raw", "count": 2**29, "dtype": "float32"}, b"")])], "in a tensor of 32 elements"),
+         ({"role": "values", "codec": "raw", "count": 2**29, "dtype": "float32"}, b"")])], "in a tensor of 1024 elements"),
     ("huffman-gaps claiming 2^29 symbols for 1 position", [record(
-        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
-        [({"role": "positions", "codec": "huffman-gaps", "count": 1, "bits": 1, "size": 32, "symbols": 2**29,
+        {"name": "fc1_w", "dtype": "float32", "shape": [64, 16], "kind": "sparse+raw"},
+        [({"role": "positions", "codec": "huffman-gaps", "count": 1, "bits": 1, "size": 1024, "symbols": 2**29,
            "chunk": 2**29}, constant_huffman(1)),
-         ({"role": "values", "codec": "raw", "count": 1, "dtype": "float32"}, b"\0\0\0\0")])], "need at most 33"),
+         ({"role": "values", "codec": "raw", "count": 1, "dtype": "float32"}, b"\0\0\0\0")])], "need at most 1025"),
     ("bitmap size other than the tensor's", [record(
-        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "sparse+raw"},
+        {"name": "fc1_w", "dtype": "float32", "shape": [64, 16], "kind": "sparse+raw"},
         [({"role": "positions", "codec": "bitmap", "count": 0, "size": 2**40}, b""),
-         ({"role": "values", "codec": "raw", "count": 0, "dtype": "float32"}, b"")])], "differs from the tensor's 32"),
+         ({"role": "values", "codec": "raw", "count": 0, "dtype": "float32"}, b"")])], "differs from the tensor's 1024"),
     ("2^20 scales for a per-tensor layout", [record(
-        {"name": "fc1_w", "dtype": "float32", "shape": [8, 4], "kind": "quant", "index_bits": 8,
+        {"name": "fc1_w", "dtype": "float32", "shape": [64, 16], "kind": "quant", "index_bits": 8,
          "quant": {"axis": None, "block_size": 0, "signed": True}},
         [({"role": "scale", "codec": "raw", "count": 2**20, "dtype": "float32"}, b""),
          ({"role": "zero_point", "codec": "bitpack", "count": 2**20, "bits": 8}, b""),
-         ({"role": "indices", "codec": "bitpack", "count": 32, "bits": 8}, bytes(32))])], "layout has 1 groups"),
+         ({"role": "indices", "codec": "bitpack", "count": 1024, "bits": 8}, bytes(1024))])], "layout has 1 groups"),
 ])
 def test_stream_counts_are_checked_against_the_shape_before_decoding(label, parts, expected):
     """A stream's declared count is what its decoder allocates for (a constant Huffman stream of
@@ -164,24 +164,24 @@ def test_stream_counts_are_checked_against_the_shape_before_decoding(label, part
 
 def test_a_consistent_record_of_another_shape_than_the_graph_is_refused_before_decoding(tmp_path, mlp_path, mlp_data):
     """The issue's case: a ~100-byte record declaring 2^29 weights (a constant Huffman stream),
-    consistent in itself (a 400-byte sidecar), beside a graph whose tensor has 32: report, eval and unpack exit 2
+    consistent in itself (a 400-byte sidecar), beside a graph whose tensor has 1,024: report, eval and unpack exit 2
     under a 1 GiB address-space cap, within 200 MB, writing nothing."""
     crafted = _beside(tmp_path, mlp_path, [_codebook_record("fc1_w", [2**29], 2**29)])
     assert (tmp_path / "crafted.msq").stat().st_size < 512
     for args in (["report", crafted], ["eval", crafted, "--data", mlp_data],
                  ["unpack", crafted, "-o", tmp_path / "out.onnx"], ["cluster", crafted, "-o", tmp_path / "c.onnx", "--bits", "2"]):
         line = assert_refused(args, tmp_path)
-        assert "crafted.msq" in line and "differs from the graph's tensor (8, 4)" in line, line
+        assert "crafted.msq" in line and "differs from the graph's tensor (64, 16)" in line, line
 
 
 def test_a_constant_huffman_stream_of_the_right_count_decodes_exactly(tmp_path, mlp_path):
     """The legitimate use of the same stream: every index the same, any count the shape needs."""
-    crafted = _beside(tmp_path, mlp_path, [_codebook_record("fc1_w", [8, 4], 32, codebook=(0.25, -1.0))])
+    crafted = _beside(tmp_path, mlp_path, [_codebook_record("fc1_w", [64, 16], 1024, codebook=(0.25, -1.0))])
     pair = load_pair(crafted)
     np.testing.assert_array_equal(store.to_array(next(t for t in pair.model.graph.initializer if t.name == "fc1_w")),
-                                  np.full((8, 4), 0.25, np.float32))
+                                  np.full((64, 16), 0.25, np.float32))
     assert invoke("unpack", crafted, "-o", tmp_path / "u.onnx", "--quiet").exit_code == 0
-    assert np.array_equal(_plain_weights(tmp_path / "u.onnx")["fc1_w"], np.full((8, 4), 0.25, np.float32))
+    assert np.array_equal(_plain_weights(tmp_path / "u.onnx")["fc1_w"], np.full((64, 16), 0.25, np.float32))
 
 
 def test_a_block_size_larger_than_its_axis_decodes_without_allocating_for_it():

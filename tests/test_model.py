@@ -23,7 +23,7 @@ from modelsqueeze.model import (
 
 from modelsqueeze.pack import put_array
 
-from conftest import make_mlp
+from conftest import MLP_HIDDEN, MLP_IN, make_mlp
 from modelsqueeze import store
 from modelsqueeze.model import model_to_bytes
 
@@ -152,14 +152,14 @@ def test_select_weights_filters(mlp):
     assert [w.name for w in select_weights(weights)] == ["fc1_w", "fc2_w"]
     assert [w.name for w in select_weights(weights, layers=["fc1*"])] == ["fc1_w", "fc1_b"]
     assert [w.name for w in select_weights(weights, exclude=["fc2*"])] == ["fc1_w"]
-    assert [w.name for w in select_weights(weights, min_params=25)] == ["fc1_w"]
+    assert [w.name for w in select_weights(weights, min_params=193)] == ["fc1_w"]
     assert [w.name for w in select_weights(weights, layers=["Gemm_0"])] == ["fc1_w", "fc1_b"]  # by node name
 
 
 def test_put_array_and_graph_hash_ignores_initializers(mlp):
     before = graph_hash(mlp)
-    put_array(mlp, "fc1_w", np.zeros((8, 4), np.float32))
-    assert np.array_equal(weights_by_name(mlp)["fc1_w"].array(), np.zeros((8, 4), np.float32))
+    put_array(mlp, "fc1_w", np.zeros((MLP_HIDDEN, MLP_IN), np.float32))
+    assert np.array_equal(weights_by_name(mlp)["fc1_w"].array(), np.zeros((MLP_HIDDEN, MLP_IN), np.float32))
     assert graph_hash(mlp) == before
     mlp.graph.node[1].op_type = "Sigmoid"
     assert graph_hash(mlp) != before
@@ -297,6 +297,6 @@ def test_models_over_the_protobuf_limit_keep_external_data(tmp_path, mlp):
     assert (tmp_path / "big.onnx.data").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     loaded = load_model(out)
-    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((5, MLP_IN)).astype(np.float32)
     run = lambda m: ort.InferenceSession(model_to_bytes(m)).run(None, {"x": x})[0]
     assert np.array_equal(run(loaded), run(make_mlp()))

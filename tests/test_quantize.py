@@ -136,8 +136,9 @@ def test_dequantize_linear_forms(tmp_path, bits, granularity, q_type, opset):
     onnx.checker.check_model(model, full_check=True)
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    # conv1, conv2, fc1, fc2 (conv1's 1-wide input axis makes blocks of one weight: dense is smaller)
-    assert len(dq) == (3 if granularity == "block" else 4)
+    # conv1, conv2, fc1, fc2 (conv1's 1-wide input axis would make blocks of one weight: it is
+    # quantized per channel instead)
+    assert len(dq) == 4
     q_types = {t.data_type for t in model.graph.initializer if t.name.endswith("::q")}
     assert q_types == {q_type}
     # The graph's weights are exactly the sidecar's decoded records.
@@ -167,7 +168,8 @@ def test_channel_axis_follows_each_consumer(tmp_path):
     side = read_sidecar(blocks.with_suffix(".msq"))
     # blocks run along the input axis: conv axis 1, MatMul [in, out] axis 0, Gemm transB axis 1
     assert {n: (r.quant_axis, r.scale.shape) for n, r in side.records.items()} == {
-        "conv1.weight": (1, (20, 1, 5, 5)), "conv2.weight": (1, (50, 1, 5, 5)),
+        # conv1's input axis is 1 wide: blocks would hold one weight each, so it gets one scale per channel
+        "conv1.weight": (0, (20,)), "conv2.weight": (1, (50, 1, 5, 5)),
         "fc1.weight": (0, (13, 500)), "fc2.weight": (1, (10, 8))}
 
 

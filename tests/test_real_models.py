@@ -95,3 +95,91 @@ def test_report_says_which_tensors_are_left_out_and_their_share_of_the_bytes(tmp
     assert left["G"]["share"] == pytest.approx(left["G"]["bytes"] / total)
     table = invoke("report", source)
     assert table.exit_code == 0 and "left out" in table.stdout and "G" in table.stdout
+
+
+# PyTorch's default names, `onnx::MatMul_7`; and a real tensor whose name starts with a weight's
+# name and the tool's own separator, which the old name-prefix rule took for part of the form.
+COLONS = """
+<ir_version: 7, opset_import: ["" : 13]>
+colons (float[batch, 32] x) => (float[batch, 64] y) {
+  h = MatMul(x, W7)
+  hb = Add(h, W7cb)
+  y = MatMul(hb, W8)
+}
+"""
+
+
+RENAMED = {"W7": "onnx::MatMul_7", "W7cb": "onnx::MatMul_7::codebook", "W8": "onnx::MatMul_8"}
+
+
+def colons_model() -> onnx.ModelProto:
+    model = onnx.parser.parse_model(COLONS)  # the text syntax has no '::' in names: renamed after
+    for node in model.graph.node:
+        node.input[:] = [RENAMED.get(i, i) for i in node.input]
+    rng = np.random.default_rng(3)
+    for name, shape in [("onnx::MatMul_7", (32, 64)), ("onnx::MatMul_7::codebook", (64,)), ("onnx::MatMul_8", (64, 64))]:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("command", [["cluster", "--bits", "4"], ["prune", "--sparsity", "0.9"], ["quantize"],
+                                     ["pipeline", "--prune", "0.8", "--bits", "4", "--huffman"]])
+def test_names_with_the_tools_separator_never_collide(tmp_path, command):
+    from modelsqueeze.model import model_to_bytes
+    from modelsqueeze.pack import skeleton
+    source = tmp_path / "colons.onnx"
+    onnx.save_model(colons_model(), str(source))
+    out = tmp_path / "out.onnx"
+    summary = ok(command[0], source, "-o", out, *command[1:])
+    pair = load_pair(out)
+    assert set(pair.records) == {"onnx::MatMul_7", "onnx::MatMul_8"}
+    written = onnx.load(str(out))
+    names = [t.name for t in written.graph.initializer]
+    assert len(names) == len(set(names)) and "onnx::MatMul_7::codebook" in names  # the real bias is kept
+    bias = next(t for t in written.graph.initializer if t.name == "onnx::MatMul_7::codebook")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(bias),
+                                  onnx.numpy_helper.to_array(colons_model().graph.initializer[1]))
+    bare = skeleton(pair.model, pair.records.values())
+    assert "onnx::MatMul_7::codebook" in {t.name for t in bare.graph.initializer}
+    packed = len(model_to_bytes(bare)) + (tmp_path / "out.msq").stat().st_size
+    assert ok("report", out)["packed_bytes"] == packed
+    assert summary.get("packed_bytes_after", packed) == packed
+    x = np.random.default_rng(4).standard_normal((7, 32)).astype(np.float32)
+    options = ort.SessionOptions()  # level-all fuses DequantizeLinear + MatMul into an int8 kernel (issue 18)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    got = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    weights = {t.name: store.to_array(t) for t in pair.model.graph.initializer}
+    want = ((x @ weights["onnx::MatMul_7"]) + weights["onnx::MatMul_7::codebook"]) @ weights["onnx::MatMul_8"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _old_mlp(opset: int, ir: int) -> onnx.ModelProto:
+    """A 64x64 MLP as an older exporter writes it: low opset and IR, node metadata (PyTorch puts
+    stack traces there), value_info."""
+    from conftest import make_mlp
+    model = make_mlp()
+    model.opset_import[0].version = opset
+    model.ir_version = ir
+    for i, node in enumerate(model.graph.node):
+        node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value=f"File model.py, line {i}\n" * 20)
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["batch", 64]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("args,opset,ir", [([], 13, 7), (["--bits", "4"], 21, 10), (["--granularity", "tensor"], 11, 6)])
+def test_quantize_raises_the_opset_and_ir_only_as_far_as_its_forms_need_and_keeps_metadata(tmp_path, args, opset, ir):
+    source = tmp_path / "old.onnx"
+    original = _old_mlp(11, 6)
+    onnx.save_model(original, str(source))
+    out = tmp_path / "q.onnx"
+    summary = ok("quantize", source, "-o", out, "--min-params", "0", *args)
+    written = onnx.load(str(out))
+    assert (written.opset_import[0].version, written.ir_version) == (opset, max(ir, 6))
+    if opset != 11:
+        assert any(f"opset upgraded 11 -> {opset}, IR 6 -> {ir}" in n for n in summary["notes"]), summary["notes"]
+    model_nodes = [n for n in written.graph.node if not n.name.startswith("msq/")]
+    assert [list(n.metadata_props) for n in model_nodes] == [list(n.metadata_props) for n in original.graph.node]
+    assert list(written.graph.value_info) == list(original.graph.value_info)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

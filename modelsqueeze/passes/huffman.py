@@ -72,7 +72,7 @@ def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     new_records = dict(records)
     changed = []
     def code(info) -> tuple[CompressedTensor | None, str]:
-        record = records.get(info.key)
+        record = had = records.get(info.key)
         if record is None:
             array = info.array()
             n_unique = np.unique(array).size
@@ -82,10 +82,14 @@ def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
         if record.indices is None:
             return None, f"{info.key}: raw values, nothing to code (cluster or quantize it first)"
         coded = code_streams(record)
-        if coded.stream_codecs:
+        if had is None and record_size(coded) >= array.nbytes:  # no tensor is written bigger than it was
+            return None, f"{info.key}: stays dense ({array.nbytes:,} B; as a coded record {record_size(coded):,} B)"
+        if coded.stream_codecs and coded.stream_codecs != record.stream_codecs:
             return coded, (f"{info.key}: {record_size(record):,} -> {record_size(coded):,} bytes "
                            f"({', '.join(f'{r}: {c}' for r, c in sorted(coded.stream_codecs.items()))})")
-        return coded, f"{info.key}: Huffman coding does not pay here, streams stay as they are"
+        if had is None:
+            return coded, f"{info.key}: {array.nbytes:,} -> {record_size(coded):,} bytes (its {n_unique} distinct values as codes)"
+        return None, f"{info.key}: Huffman coding does not pay here, streams stay as they are"
 
     for info, (coded, note) in zip(selected, parallel_map(code, selected)):
         notes.append(note)

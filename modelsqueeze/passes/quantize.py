@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import helper, version_converter
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
-from modelsqueeze.model import WeightInfo, check_model
+from modelsqueeze.model import WeightInfo, check_model, iter_graphs
 from modelsqueeze.pack import put_record
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
 from modelsqueeze.passes.calibration import Calibrator
@@ -79,7 +79,17 @@ def layout_for(info: WeightInfo, array: np.ndarray, config: QuantizeConfig, note
         notes.append(f"{info.key}: no single output-channel axis ({info.ops}), one scale for the tensor")
     elif config.granularity == "block":
         if info.reduction_axis is not None:
-            return quant.Layout(array.shape, info.reduction_axis, config.block_size)
+            # Clamped to the axis: a larger block is one block (and must not size any allocation).
+            block = min(config.block_size, max(array.shape[info.reduction_axis], 1))
+            blocked = quant.Layout(array.shape, info.reduction_axis, block)
+            weights_per_scale = array.size / max(int(np.prod(blocked.param_shape, dtype=np.int64)), 1)
+            if weights_per_scale >= 8 or info.channel_axis is None:
+                return blocked
+            # An input axis of size 1 (depthwise conv [C, 1, k, k]) makes blocks of one weight: a
+            # float scale per weight is bigger than the float weight. Per channel pays.
+            notes.append(f"{info.key}: blocks along its {array.shape[info.reduction_axis]}-wide input axis would hold "
+                         f"{weights_per_scale:.0f} weights per scale; one scale per output channel instead")
+            return quant.Layout(array.shape, info.channel_axis)
         notes.append(f"{info.key}: no input axis to block along ({info.ops}), one scale for the tensor")
     return quant.Layout(array.shape)
 
@@ -143,14 +153,32 @@ def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.Mode
         return model
     try:
         upgraded = version_converter.convert_version(model, target)
-        upgraded.ir_version = max(upgraded.ir_version, 10)
+        _keep_what_the_converter_drops(model, upgraded)
         check_model(upgraded, "upgraded model", full=True)
     except Exception as exc:  # the converter raises many types; any failure means "not safe"
         notes.append(f"opset {current} could not be upgraded to {target} ({str(exc).splitlines()[0][:120]}); "
                      f"quantized weights are kept as floats in the graph (the sidecar still packs them)")
         return model
-    notes.append(f"opset upgraded {current} -> {target} for DequantizeLinear")
+    ir = f", IR {model.ir_version} -> {upgraded.ir_version}" if upgraded.ir_version != model.ir_version else ""
+    notes.append(f"opset upgraded {current} -> {target}{ir} for DequantizeLinear (the least these quantized forms need)")
     return upgraded
+
+
+def _keep_what_the_converter_drops(model: onnx.ModelProto, upgraded: onnx.ModelProto) -> None:
+    """The version converter drops node metadata (PyTorch's stack traces can be most of a file),
+    adds inferred value_info and leaves the IR version as it was. Put back each node's metadata
+    where the node list is unchanged, the original value_info, and the lowest IR version the new
+    opsets allow (onnxruntime <= 1.16 refuses IR 10, which only opset 21 needs)."""
+    for (old_path, old), (new_path, new) in zip(iter_graphs(model.graph), iter_graphs(upgraded.graph)):
+        if old_path != new_path:
+            break
+        if [n.op_type for n in old.node] == [n.op_type for n in new.node]:
+            for before, after in zip(old.node, new.node):
+                if before.metadata_props and not after.metadata_props:
+                    after.metadata_props.extend(before.metadata_props)
+        del new.value_info[:]
+        new.value_info.extend(old.value_info)
+    upgraded.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(upgraded.opset_import)))
 
 
 def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: QuantizeConfig) -> PassResult:
