@@ -322,6 +322,8 @@ def check_external_location(tensor: onnx.TensorProto, base: Path, source: Path) 
     what = f"{source}: tensor {tensor.name!r} external data {location!r}"
     if not location:
         raise ModelSqueezeError(f"{what}: no location given")
+    if "\0" in location:
+        raise ModelSqueezeError(f"{what}: refused, the location holds a NUL byte")
     rel = Path(location)
     if rel.is_absolute() or location.startswith(("/", "\\")) or ".." in rel.parts or ".." in location.split("\\"):
         raise ModelSqueezeError(f"{what}: refused, the path leaves the model's folder")

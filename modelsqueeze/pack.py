@@ -39,6 +39,8 @@ SIDECAR_SUFFIX = ".msq"
 
 
 def sidecar_path(model_path: str | Path) -> Path:
+    if not Path(model_path).name:  # '' (typer gives Path('.')) or a folder such as '/'
+        raise ModelSqueezeError(f"{str(model_path)!r}: not a model file name; give a file name such as out.onnx")
     return Path(model_path).with_suffix(SIDECAR_SUFFIX)
 
 

@@ -291,6 +291,8 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
     """A Recipe from TOML text; every problem is a RecipeError `source:line: message`."""
     try:
         data = tomllib.loads(text)
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise RecipeError(f"{source}: arrays or tables nested too deeply to be a recipe") from None
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         line = match.group(1) if match else "?"

@@ -233,6 +233,8 @@ def load_previous(report: Report, path: Path) -> None:
         raise ModelSqueezeError(f"--baseline-json {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ModelSqueezeError(f"--baseline-json {path}: nested too deeply to be a saved report") from None
     except json.JSONDecodeError as exc:
         raise ModelSqueezeError(f"--baseline-json {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
     size = data.get("packed_bytes") if isinstance(data, dict) else None

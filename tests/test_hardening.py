@@ -311,3 +311,28 @@ def test_external_data_that_is_a_named_pipe_is_refused_at_load(tmp_path):
     os.mkfifo(tmp_path / "m.data")
     line = assert_refused(["report", tmp_path / "m.onnx"], tmp_path, timeout=30)
     assert "m.data" in line and "is a named pipe" in line, line
+
+
+# --- 5. what used to be tracebacks ---------------------------------------------------------------
+
+def test_former_tracebacks_are_one_line(tmp_path, mlp_path, mlp_data):
+    """-o '' (typer makes it '.'), a recipe or a baseline JSON nested 100,000 deep (RecursionError in
+    the parsers), an external-data location holding a NUL byte: each one line, exit 2."""
+    from conftest import SAMPLES
+    folder = tmp_path / "f"
+    folder.mkdir()
+    model = folder / "m.onnx"
+    model.write_bytes(mlp_path.read_bytes())
+    assert "not a model file name" in assert_refused(["prune", model, "-o", "", "--sparsity", "0.5"], folder)
+    (folder / "deep.toml").write_text("version = 1\nx = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert "nested too deeply" in assert_refused(["run", folder / "deep.toml"], folder)
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in assert_refused(["report", model, "--baseline-json", folder / "deep.json",
+                                                  "--max-growth", "1%"], folder)
+    lenet = onnx.load(str(SAMPLES / "lenet300.onnx"))
+    onnx.save_model(lenet, str(folder / "e.onnx"), save_as_external_data=True, location="e.data", size_threshold=1024)
+    raw = onnx.load(str(folder / "e.onnx"), load_external_data=False)
+    entry = next(e for t in raw.graph.initializer for e in t.external_data if e.key == "location")
+    entry.value = "e.da\0ta"
+    (folder / "e.onnx").write_bytes(raw.SerializeToString())
+    assert "NUL byte" in assert_refused(["report", folder / "e.onnx"], folder)
