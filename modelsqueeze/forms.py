@@ -36,12 +36,17 @@ def form_nodes(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if n.name in names and n.domain in ("", "ai.onnx")]
 
 
-def owned_initializers(graph: onnx.GraphProto, name: str) -> set[str]:
-    """The initializers that belong to `name`'s form: `name` itself, or those its nodes read."""
+def owned_initializers(graph: onnx.GraphProto, *names: str) -> set[str]:
+    """The initializers that belong to the forms of `names`: each name itself, or those its form's
+    nodes read (one pass over the graph, however many names)."""
     inits = {t.name for t in graph.initializer}
-    owned = {name} & inits
-    for node in form_nodes(graph, name):
-        owned.update(i for i in node.input if i in inits)
+    wanted = set(names)
+    owned = wanted & inits
+    for node in graph.node:
+        step = node.name.rsplit("/", 1)
+        if len(step) == 2 and step[1] in FORM_STEPS and step[0].startswith("msq/") and step[0][4:] in wanted \
+                and node.domain in ("", "ai.onnx"):
+            owned.update(i for i in node.input if i in inits)
     return owned
 
 

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.files import check_regular, kind_of
+from modelsqueeze.files import check_regular, kind_of, open_input, read_input
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with some headroom.
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
@@ -124,10 +124,7 @@ def check_model_path(path: Path) -> None:
 def read_model_bytes(path: Path) -> bytes:
     """The file's bytes, or one clear error for a path that cannot be a model."""
     check_model_path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelSqueezeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_input(path, "an .onnx file")
     if not data:
         raise ModelSqueezeError(f"{path}: file is empty, expected an ONNX model")
     return data
@@ -171,7 +168,7 @@ def _parse_lazily(path: Path) -> onnx.ModelProto:
     initializers become stubs reading their bytes from the file."""
     check_model_path(path)
     try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        with open_input(path, "an .onnx file") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
             split = store.split_model_bytes(view)
     except (OSError, ValueError):
         split = None

@@ -125,7 +125,7 @@ def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -
     if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or store.has_stubs_below(model.graph):
         return len(model_to_bytes(skeleton(model, records)))
     graph = model.graph
-    owned = set().union(*(forms.owned_initializers(graph, name) for name in names)) if names else set()
+    owned = forms.owned_initializers(graph, *names)
     old = graph.ByteSize()
     new = old
     for tensor in graph.initializer:

@@ -17,7 +17,7 @@ from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import find_weights
 from modelsqueeze.pack import packed_bytes, put_array, put_record, rendered, round_trip
 from modelsqueeze.recipe import Step
-from modelsqueeze.sidecar import record_size
+from modelsqueeze.sidecar import record_size, record_size_bound
 from modelsqueeze.tensor import CompressedTensor
 
 
@@ -38,12 +38,17 @@ def describe(steps: Sequence[Step]) -> str:
 
 
 def _keep_only_gains(model: onnx.ModelProto, records: dict[str, CompressedTensor], result,
-                     keep_values: bool = False) -> None:
+                     keep_values: bool = False, known_bytes: dict[str, int] | None = None) -> None:
     """No tensor is written bigger than it was: a changed tensor whose new record takes as many
     bytes as it did before (its previous record, or its dense data) is put back as it was, with a
     note. Tiny tensors (a record's metadata alone is ~200 B) and layouts that cannot pay (a scale
     per weight) are left alone this way, whatever the settings. With `keep_values` (prune: the
-    zeros are what was asked for) such a tensor keeps its new values, stored dense."""
+    zeros are what was asked for) such a tensor keeps its new values, stored dense. Records are
+    encoded here only where a bound from their counts cannot tell (tiny tensors): the big ones are
+    coded once per step, by the round trip (`known_bytes`: the input records' sizes from it)."""
+    if not result.changed:
+        return
+    known_bytes = known_bytes or {}
     infos = {info.key: info for info in find_weights(model)}
     if any(key in infos and key in result.records and tuple(infos[key].shape) != result.records[key].shape
            for key in result.changed):
@@ -56,7 +61,10 @@ def _keep_only_gains(model: onnx.ModelProto, records: dict[str, CompressedTensor
         info = infos.get(key)
         if info is None:  # a tensor the step added (svd factors)
             continue
-        before = record_size(old) if old is not None else info.n_params * np.dtype(info.dtype).itemsize
+        dense = info.n_params * np.dtype(info.dtype).itemsize
+        if old is None and record_size_bound(new) < dense:
+            continue
+        before = dense if old is None else known_bytes.get(key) or record_size(old)
         after = record_size(new)
         if after < before:
             continue
@@ -93,6 +101,7 @@ forgotten after each step (the caller keeps no other model of this run). A faili
     outcomes: list[StepOutcome] = []
     since = store.mark()  # what this run registers; the caller's models keep theirs
     written, written_records = model, records
+    sizes: dict[str, int] = {}  # the current records' bytes, from the last round trip
     for index, step in enumerate(steps):
         last = index + 1 == len(steps)
         if on_step is not None:
@@ -100,13 +109,13 @@ forgotten after each step (the caller keeps no other model of this run). A faili
         try:
             result = step.apply(model, records)
             if step.command != "huffman":  # lossless, and already the smallest coding of each stream
-                _keep_only_gains(model, records, result, keep_values=step.command == "prune")
+                _keep_only_gains(model, records, result, keep_values=step.command == "prune", known_bytes=sizes)
             model = written = None  # one model at a time: this step's input is let go (if the caller did)
             # The next step (and the size) sees what reloading the written pair would give; the
             # last result itself is what gets written, as a single command would write it.
             size = None
             if not last or size_last:
-                sizes: dict[str, int] = {}
+                sizes = {}
                 model, records = round_trip(result.model, result.records, previous=records, record_bytes=sizes)
                 size = packed_bytes(model, list(records.values()), sizes)  # each record coded once
         except ModelSqueezeError as exc:

@@ -150,6 +150,24 @@ def _encode_record(record: CompressedTensor) -> list[bytes]:
     return [_RECORD.pack(RECORD_MAGIC, len(meta_bytes), payload_len, crc, 0), *body]
 
 
+def record_size_bound(record: CompressedTensor) -> int:
+    """An upper bound of `record_size(record)` from the record's counts alone (nothing encoded):
+    raw streams at their width, codes bit-packed (plus a whole Huffman table where a stream is
+    Huffman coded: the huffman step keeps a coding only when it is smaller), positions as a
+    bitmap (the stored form is the smaller of bitmap and gaps), and generous metadata."""
+    slack = 12 + 2 * (1 << 16)  # a Huffman stream's header and code-length table, at most
+    total = RECORD_HEADER_BYTES + 2048 + 6 * len(record.name) + 64 * len(record.stream_codecs)
+    for role, array, hints in _streams_of(record):
+        if role == "positions":
+            n_bytes = (record.n_params + 7) // 8
+        elif "bits" in hints:
+            n_bytes = (int(array.size) * int(hints["bits"]) + 7) // 8
+        else:
+            n_bytes = int(array.size) * np.dtype(hints["dtype"]).itemsize
+        total += n_bytes + ALIGN_BYTES + (slack if role in record.stream_codecs else 0)
+    return total
+
+
 def record_size(record: CompressedTensor) -> int:
     """Bytes `record` takes in a sidecar, record header and padding included."""
     return sum(len(chunk) for chunk in _encode_record(record))

@@ -183,3 +183,20 @@ def test_quantize_raises_the_opset_and_ir_only_as_far_as_its_forms_need_and_keep
     assert [list(n.metadata_props) for n in model_nodes] == [list(n.metadata_props) for n in original.graph.node]
     assert list(written.graph.value_info) == list(original.graph.value_info)
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("steps", [[["prune", "--sparsity", "0.9"]], [["cluster", "--bits", "3"]], [["quantize", "--bits", "4", "--granularity", "block"]],
+                                   [["prune", "--sparsity", "0.6"], ["cluster", "--bits", "5"], ["huffman"]],
+                                   [["quantize", "--bits", "8"], ["huffman"]]])
+def test_the_record_size_bound_is_never_below_the_exact_size(tmp_path, steps):
+    """The no-bigger check skips encoding where record_size_bound already says a record pays: the
+    bound must hold for every kind and codec, Huffman included."""
+    from conftest import SAMPLES
+    from modelsqueeze.sidecar import read_sidecar, record_size, record_size_bound
+    source = SAMPLES / "lenet5.onnx"
+    for i, step in enumerate(steps):
+        out = tmp_path / f"s{i}.onnx"
+        assert invoke(step[0], source, "-o", out, "--quiet", *step[1:]).exit_code == 0
+        source = out
+        for record in read_sidecar(out.with_suffix(".msq")).records.values():
+            assert record_size_bound(record) >= record_size(record), (step, record.name, record.kind, record.stream_codecs)
