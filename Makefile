@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 OUT := out
 
-.PHONY: install corpus test fuzz demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench clean
+.PHONY: install corpus test fuzz demo lenet5 lenet300 lenet5-calibrated lenet300-calibrated recipes search gate sample-models bench bench-real clean
 MSQ := $(BIN)/modelsqueeze
 
 install: $(VENV)/.installed
@@ -123,6 +123,12 @@ sample-models: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# Every command with its typical settings on every corpus model, and onnxruntime's quantizers:
+# benchmarks/results/real_models.md (the README's real-models tables) and .json.
+bench-real: install corpus
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/bench_real.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .hypothesis .benchmarks $(VENV)

@@ -14,7 +14,7 @@ from onnx import helper
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import WeightInfo, node_name
-from modelsqueeze.validate import Runner, load_npz, split_data
+from modelsqueeze.validate import BATCH_SIZE, Runner, Samples, load_npz, split_data
 
 # Largest block of rows (rows x K elements) materialised at once when accumulating; im2col of a
 # big Conv batch would otherwise be many times the activation itself.
@@ -88,31 +88,32 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def layer_view(model: onnx.ModelProto, info: WeightInfo) -> LayerView | str:
-    """The layer view of a weight, or why the weight cannot be calibrated (a short reason)."""
+    """The layer view of a weight, or why the weight cannot be calibrated (a short reason; the
+    caller says what happens instead)."""
     if info.graph:
-        return "lives in a subgraph, not calibrated"
+        return "lives in a subgraph"
     if len(info.consumers) != 1:
-        return f"is read by {len(info.consumers)} nodes (shared weight), not calibrated"
+        return f"is read by {len(info.consumers)} nodes (shared weight)"
     consumer = info.consumers[0]
     if consumer.via:
-        return f"reaches its {consumer.op} through {consumer.via}; not calibrated"
+        return f"reaches its {consumer.op} through {consumer.via}"
     if consumer.op not in ("MatMul", "Gemm", "Conv"):
         return f"is a {consumer.op} input; calibration covers MatMul, Gemm and Conv weights only"
     if consumer.input_index == 0 and consumer.op in ("MatMul", "Gemm"):
-        return f"is the left operand of its {consumer.op} (W @ x), not calibrated"
+        return f"is the left operand of its {consumer.op} (W @ x)"
     if consumer.input_index != 1:
-        return f"is input {consumer.input_index} of its {consumer.op}, not the weight input; not calibrated"
+        return f"is input {consumer.input_index} of its {consumer.op}, not the weight input"
     if info.dtype != "float32":
-        return f"is {info.dtype}, not float32; not calibrated"
+        return f"is {info.dtype}, not float32"
     found = [(i, n) for i, n in enumerate(model.graph.node) if node_name(n, i) == consumer.node]
     if len(found) != 1:
-        return f"its consumer {consumer.node!r} is not a single node of the main graph, not calibrated"
+        return f"its consumer {consumer.node!r} is not a single node of the main graph"
     node = found[0][1]
     activation = node.input[0]
     constants = {t.name for t in model.graph.initializer} | {s.values.name for s in model.graph.sparse_initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
     if activation in constants:
-        return f"multiplies a constant ({activation!r}), no data flows through it; not calibrated"
+        return f"multiplies a constant ({activation!r}), no data flows through it"
     shape, attrs = tuple(info.shape), _attrs(node)
     common = dict(key=info.key, op=node.op_type, node_name=consumer.node, activation=activation, weight_shape=shape)
     if node.op_type == "MatMul":
@@ -123,17 +124,17 @@ def layer_view(model: onnx.ModelProto, info: WeightInfo) -> LayerView | str:
         return LayerView(**common, trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)),
                          alpha=float(attrs.get("alpha", 1.0)))
     if attrs.get("group", 1) != 1:
-        return f"feeds a grouped Conv (group={attrs['group']}), not calibrated"
+        return f"feeds a grouped Conv (group={attrs['group']})"
     if len(shape) < 3:
-        return f"is a {len(shape)}-D Conv weight, not calibrated"
+        return f"is a {len(shape)}-D Conv weight"
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad not in ("NOTSET", "VALID"):
-        return f"feeds a Conv with auto_pad={auto_pad} (padding depends on the input size), not calibrated"
+        return f"feeds a Conv with auto_pad={auto_pad} (padding depends on the input size)"
     spatial = len(shape) - 2
     kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))
     if kernel != shape[2:]:
-        return f"feeds a Conv whose kernel_shape {list(kernel)} differs from its weight {list(shape)}, not calibrated"
+        return f"feeds a Conv whose kernel_shape {list(kernel)} differs from its weight {list(shape)}"
     pads = (0,) * (2 * spatial) if auto_pad == "VALID" else tuple(int(p) for p in attrs.get("pads", (0,) * (2 * spatial)))
     return LayerView(**common, kernel_shape=kernel,
                      strides=tuple(int(s) for s in attrs.get("strides", (1,) * spatial)),
@@ -321,33 +322,27 @@ class _Source:
         self.runner = Runner(_activation_model(model, computed, label) if computed else model, label)
         self.computed = computed
 
-    def run(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, batch: Samples) -> dict[str, np.ndarray]:
         outputs = self.runner.run(batch)
         found = dict(zip(self.runner.output_names, outputs)) if self.computed else {}
         for name in self.from_feeds:
-            found[name] = np.asarray(batch[name], np.float32)
+            found[name] = np.asarray(batch.feeds[name], np.float32)
         return found
 
 
-def _step(runner: Runner, batch_size: int, n: int) -> int:
-    """Samples per run: batch_size for a dynamic (or fixed-1, which Runner feeds one by one) leading
-    dimension; all at once for a model whose leading dimension is fixed at some other size."""
+def _step(runner: Runner, batch_size: int, samples: Samples) -> int:
+    """Samples per run: batch_size where the model's sample axes are dynamic (or fixed at 1, which
+    Runner feeds one by one); all at once where a model fixes one at some other size."""
     if batch_size < 1:
         raise ModelSqueezeError(f"batch size {batch_size}: need at least 1")
-    if runner.batchable() or all(spec.shape and spec.shape[0] == 1 for spec in runner.inputs):
-        return batch_size
-    return n
+    return batch_size if runner._step(samples) in (1, BATCH_SIZE) else samples.n
 
 
-def _feeds(arrays: Mapping[str, np.ndarray], runner: Runner, source: str) -> tuple[dict[str, np.ndarray], int]:
-    feeds, _ = split_data({k: v for k, v in arrays.items() if k != "y"}, runner, source)
-    sizes = {v.shape[0] if v.ndim else 1 for v in feeds.values()}
-    if len(sizes) != 1:
-        raise ModelSqueezeError(f"{source}: inputs have different numbers of samples: {sorted(sizes)}")
-    n = sizes.pop()
-    if n == 0:
+def _feeds(arrays: Mapping[str, np.ndarray], runner: Runner, source: str) -> Samples:
+    samples = split_data(arrays, runner, source, labels=False)
+    if samples.n == 0:
         raise ModelSqueezeError(f"{source}: no samples")
-    return feeds, n
+    return samples
 
 
 def _capture(models: list[onnx.ModelProto], arrays: Mapping[str, np.ndarray], views: Iterable[LayerView],
@@ -369,10 +364,11 @@ def _capture(models: list[onnx.ModelProto], arrays: Mapping[str, np.ndarray], vi
     activations = list(dict.fromkeys(view.activation for view in views))
     labels = ["calibration (current model)", "calibration (reference model)"] if len(models) == 2 else ["calibration"]
     sources = [_Source(model, activations, label) for model, label in zip(models, labels)]
-    feeds, n = _feeds(arrays, sources[0].runner, source)
-    step = _step(sources[0].runner, batch_size, n)
+    samples = _feeds(arrays, sources[0].runner, source)
+    n = samples.n
+    step = _step(sources[0].runner, batch_size, samples)
     for start in range(0, n, step):
-        batch = {name: array[start:start + step] for name, array in feeds.items()}
+        batch = samples.part(start, start + step)
         found = [src.run(batch) for src in sources]
         for signature, acc in groups.items():
             name = signature[0]
@@ -412,7 +408,7 @@ def capture_pair(reference_model: onnx.ModelProto, current_model: onnx.ModelProt
 def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
     """The input arrays of a calibration .npz (labels `y`, if any, dropped)."""
     arrays = load_npz(path)
-    arrays.pop("y", None)
+    arrays.pop("y", None)  # labels are not needed (an array the model does not read is ignored with a note)
     if not arrays:
         raise ModelSqueezeError(f"{path}: no input arrays (calibration data needs the model's inputs, by name or `x`)")
     for name, array in arrays.items():

@@ -33,10 +33,16 @@ from modelsqueeze.report import build_report, check_thresholds, load_previous, m
 from modelsqueeze.validate import (
     Runner,
     accuracy,
+    data_notes,
+    data_options,
     fidelity,
+    headline_output,
+    label_key,
     load_npz,
+    parse_batch_axes,
     parse_dims,
     random_inputs,
+    sample_count_hint,
     split_data,
     top1_accuracy,
 )
@@ -57,6 +63,10 @@ err = Console(stderr=True, soft_wrap=True)
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model (its sidecar NAME.msq beside it is read too).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes, only results and errors.")]
+BatchAxisOpt = Annotated[list[str], typer.Option(
+    "--batch-axis", help="An input's sample axis in the data, INPUT=AXIS, or INPUT=none to feed it whole to every batch "
+    "(default: from the model's dims; 0-d arrays are fed whole). Repeatable.")]
+LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="The data's label array (default `y`).")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 
 
@@ -71,7 +81,12 @@ def handles_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            # Any command that reads data: --batch-axis / --labels shape how arrays meet the
+            # model's inputs, and what the reader notices is one note line on stderr each.
+            quiet = bool(kwargs.get("quiet"))
+            with data_options(parse_batch_axes(kwargs.get("batch_axis") or []), kwargs.get("labels")), \
+                    data_notes(lambda note: None if quiet else err.print(f"note: {escape(note)}", highlight=False)):
+                return command(*args, **kwargs)
         except CheckFailed as exc:
             err.print(f"[bold red]check failed:[/] {escape(_one_line(str(exc)))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
@@ -134,16 +149,25 @@ def step_progress(label: str, n_steps: int, quiet: bool) -> Iterator[tuple[Calla
         progress.update(steps, completed=n_steps)
 
 
-def _run(runner: Runner, feeds: dict, label: str, quiet: bool) -> list:
-    n = next(iter(feeds.values())).shape[0] if feeds else 0
-    with progress_bar(f"running {label}", n, quiet) as advance:
-        return runner.run(feeds, advance)
+def _agreement_text(fid: dict) -> str:
+    return "n/a (no class axis)" if fid["top1_agreement"] is None else f"{100 * fid['top1_agreement']:.2f}%"
+
+
+def _snr_text(fid: dict) -> str:
+    if fid["snr_db"] is not None:
+        return f"{fid['snr_db']:.2f} dB"
+    return "identical" if fid["max_abs_error"] == 0 else "undefined (zero reference)"
+
+
+def _run(runner: Runner, feeds, label: str, quiet: bool) -> list:
+    samples = runner.samples(feeds)
+    with progress_bar(f"running {label}", samples.n, quiet) as advance:
+        return runner.run(samples, advance)
 
 
 def _labelled_accuracy(model, label: str, arrays: dict, source: str, quiet: bool) -> float:
     """validate.top1_accuracy with a progress bar (the shared path of report and --validate)."""
-    n = next(iter(arrays.values())).shape[0] if arrays else 0
-    with progress_bar(f"running {label}", n, quiet) as advance:
+    with progress_bar(f"running {label}", sample_count_hint(arrays), quiet) as advance:
         return top1_accuracy(model, arrays, label, source, advance)
 
 
@@ -207,6 +231,8 @@ def eval_command(
     random: Annotated[Optional[int], typer.Option("--random", help="Generate N inputs from the input signature instead of --data.")] = None,
     dim: Annotated[list[str], typer.Option("--dim", help="Size of a dynamic input dimension, NAME=VALUE (repeatable).")] = [],
     seed: Annotated[int, typer.Option(help="Seed for --random inputs.")] = 0,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -222,15 +248,16 @@ def eval_command(
     ref_runner = Runner(load_pair(reference).runnable(), str(reference)) if reference else None
     labels = None
     if data is not None:
-        feeds, labels = split_data(load_npz(data), runner, str(data))
+        samples = split_data(load_npz(data), runner, str(data))
+        feeds, labels = samples, samples.labels
         source = str(data)
     else:
         n = 100 if random is None else random
-        feeds = random_inputs(runner, pair.model, n, parse_dims(dim), seed)
+        feeds = runner.samples(random_inputs(runner, pair.model, n, parse_dims(dim), seed))
         source = f"{n} random inputs (seed {seed})"
-    result: dict = {"model": str(model), "data": source, "samples": int(next(iter(feeds.values())).shape[0])}
+    result: dict = {"model": str(model), "data": source, "samples": int(feeds.n)}
     if labels is None and ref_runner is None:
-        raise ModelSqueezeError(f"{data}: no `y` labels for accuracy; add --reference ORIGINAL.onnx for fidelity")
+        raise ModelSqueezeError(f"{data}: no `{label_key()}` labels for accuracy; add --reference ORIGINAL.onnx for fidelity")
     outputs = _run(runner, feeds, str(model), quiet)
     if labels is not None:
         result["accuracy"] = accuracy(outputs[0], labels, source)
@@ -241,7 +268,11 @@ def eval_command(
             result["reference_accuracy"] = accuracy(ref_outputs[0], labels, source)
         if len(ref_outputs) != len(outputs):
             raise ModelSqueezeError(f"{model} has {len(outputs)} outputs, the reference {len(ref_outputs)}")
-        result["fidelity"] = fidelity(outputs[0], ref_outputs[0])
+        # The headline is the first float output (the scores: skl2onnx classifiers put an int64
+        # label first); every output is listed.
+        headline = headline_output(runner)
+        result["headline_output"] = runner.output_names[headline]
+        result["fidelity"] = fidelity(outputs[headline], ref_outputs[headline])
         if len(outputs) > 1:
             result["fidelity_per_output"] = {
                 name: fidelity(o, r) for name, o, r in zip(runner.output_names, outputs, ref_outputs)
@@ -260,14 +291,17 @@ def eval_command(
         table.add_row("reference accuracy", f"{100 * result['reference_accuracy']:.2f}%")
     if "fidelity" in result:
         fid = result["fidelity"]
-        snr = f"{fid['snr_db']:.2f} dB" if fid["snr_db"] is not None else ("identical" if fid["max_abs_error"] == 0 else "undefined (zero reference)")
-        table.add_row("top-1 agreement", f"{100 * fid['top1_agreement']:.2f}%")
+        snr = _snr_text(fid)
+        table.add_row("top-1 agreement", _agreement_text(fid))
         table.add_row("max abs error", f"{fid['max_abs_error']:.6g}")
         table.add_row("mean abs error", f"{fid['mean_abs_error']:.6g}")
         table.add_row("cosine similarity", f"{fid['cosine_similarity']:.6f}")
         table.add_row("SNR", snr)
+        if "fidelity_per_output" in result:
+            table.add_row("headline output", Text(result["headline_output"]))
         for name, fid in result.get("fidelity_per_output", {}).items():
-            table.add_row(Text(f"output {name}"), f"max abs error {fid['max_abs_error']:.6g}, cosine {fid['cosine_similarity']:.6f}")
+            table.add_row(Text(f"output {name}"), f"SNR {_snr_text(fid)}, top-1 agreement {_agreement_text(fid)}, "
+                          f"max abs error {fid['max_abs_error']:.6g}, cosine {fid['cosine_similarity']:.6f}")
     out.print(table)
 
 
@@ -280,6 +314,8 @@ def report(
     model: ModelArg,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", "-b", help="The original model: ratio and accuracy drop against it.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Labelled .npz: report top-1 accuracy (and the baseline's).")] = None,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for PR comments, docs).")] = False,
     max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", help="Fail (exit 1) if the packed size exceeds this (e.g. 120000, 1.5MB, 200KiB).")] = None,
@@ -387,7 +423,8 @@ def _transform(
     with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor), \
             parallel(jobs):
         final, records, outcomes = run_steps(inputs.pop("model"), inputs.pop("records"), steps, on_step, measure,
-                                             size_last=False, release=True)
+                                             size_last=False, release=True,
+                                             name_steps=command in ("pipeline", "run"))
     if arrays is not None:
         before, after = summary["accuracy_before"], outcomes[-1].accuracy
         summary.update(accuracy_after=after, drop_pp=100 * (before - after))
@@ -522,6 +559,8 @@ def prune(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -555,6 +594,8 @@ def cluster(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -588,6 +629,8 @@ def quantize(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -613,6 +656,8 @@ def huffman(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -643,6 +688,8 @@ def svd(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -700,6 +747,8 @@ def pipeline(
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -750,6 +799,8 @@ def run_recipe(
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Exit 1, writing nothing, if accuracy falls by more than PP points (overrides the recipe's `max_drop`).")] = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

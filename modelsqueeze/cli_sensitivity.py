@@ -18,7 +18,9 @@ from modelsqueeze import sensitivity as engine
 from modelsqueeze.cli import (
     ExcludeOpt,
     ForceOpt,
+    BatchAxisOpt,
     JsonOpt,
+    LabelsOpt,
     LayersOpt,
     MinParamsOpt,
     ModelArg,
@@ -39,7 +41,7 @@ from modelsqueeze.passes import Selection, finite_number
 from modelsqueeze import store
 from modelsqueeze.pipeline import describe, run_steps
 from modelsqueeze.recipe import Recipe, Step, check_path_text, dump_recipe, parse_step_spec
-from modelsqueeze.validate import load_npz
+from modelsqueeze.validate import label_key, load_npz
 
 EPILOG = (
     "Examples:  modelsqueeze sensitivity lenet300.onnx -d test.npz -m prune   |   "
@@ -70,6 +72,8 @@ def sensitivity_command(
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = 0,
     force: ForceOpt = False,
+    batch_axis: BatchAxisOpt = [],
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -123,8 +127,8 @@ def sensitivity_command(
         plotting.require_matplotlib()
     arrays = load_npz(data)
     pair = load_pair(model)
-    if "y" not in arrays and not quiet:
-        err.print(f"note: {data} has no `y` labels: accuracy here is top-1 agreement with {model.name}'s own predictions",
+    if label_key() not in arrays and not quiet:
+        err.print(f"note: {data} has no `{label_key()}` labels: accuracy here is top-1 agreement with {model.name}'s own predictions",
                   markup=False, highlight=False)
     selection = Selection(tuple(layers), tuple(exclude), min_params)
     infos = engine.layers_to_vary(pair.model, selection)

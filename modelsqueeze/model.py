@@ -366,6 +366,17 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+def pin_labels(model: onnx.ModelProto) -> None:
+    """Name each unnamed node that holds a subgraph by the label it has now ("If_2"). The keys of
+    the weights inside ("If_2/else_branch/W") come from that label, and the forms this tool puts
+    into a graph (and takes out) move nodes: an index-based label would then point elsewhere."""
+    for _, graph in iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if not node.name and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                     for a in node.attribute):
+                node.name = node_name(node, index)
+
+
 def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(sparse.values)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)

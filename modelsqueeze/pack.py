@@ -30,6 +30,7 @@ from modelsqueeze.model import (
     load_model,
     model_file_bytes,
     model_to_bytes,
+    pin_labels,
     save_model,
 )
 from modelsqueeze.sidecar import Sidecar, read_sidecar, round_trip_record, sidecar_size, write_sidecar
@@ -271,6 +272,7 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
         model = load_model(path)  # a broken model is reported as such, sidecar or not
         if require_sidecar:
             raise ModelSqueezeError(f"{path}: no sidecar {side.name} beside it")
+        pin_labels(model)
         return Pair(path=path, model=model)
     model = load_model(path, check=False)
     car = read_sidecar(side, expect=_expectation(model, side))
@@ -286,6 +288,7 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
         complete = True
     except ModelSqueezeError:
         complete = False
+    pin_labels(model)  # after the binding check: the file's graph is what the hash binds
     render(model, car.records.values(), dense=True)
     if not complete:
         check_model(model, path)

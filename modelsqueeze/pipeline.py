@@ -91,13 +91,15 @@ def run_steps(
     measure: Callable[[onnx.ModelProto], float] | None = None,
     size_last: bool = True,
     release: bool = False,
+    name_steps: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, CompressedTensor], list[StepOutcome]]:
     """Apply `steps` in order to the logical `model` with its `records`. `on_step(i, step)` is
     called before each; `measure(rendered_graph)` (accuracy) after each when given. The packed size
 after the last step is left None unless `size_last` (a caller that writes the pair measures the
 file instead). With `release`, values held in memory for models other than the current one are
 forgotten after each step (the caller keeps no other model of this run). A failing step
-    raises a ModelSqueezeError naming it and the steps that ran before it."""
+    raises a ModelSqueezeError naming it and the steps that ran before it (unless not `name_steps`:
+    a single command's own error needs no "step 1")."""
     outcomes: list[StepOutcome] = []
     since = store.mark()  # what this run registers; the caller's models keep theirs
     written, written_records = model, records
@@ -119,6 +121,8 @@ forgotten after each step (the caller keeps no other model of this run). A faili
                 model, records = round_trip(result.model, result.records, previous=records, record_bytes=sizes)
                 size = packed_bytes(model, list(records.values()), sizes)  # each record coded once
         except ModelSqueezeError as exc:
+            if not name_steps:
+                raise
             before = f" (after {describe(steps[:index])})" if index else ""
             raise type(exc)(f"step {index + 1} {step.command}{before}: {exc}") from None
         accuracy = measure(rendered(result.model, result.records.values())) if measure is not None else None

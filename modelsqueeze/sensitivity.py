@@ -24,7 +24,7 @@ from modelsqueeze import store
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, make_step
 from modelsqueeze.tensor import CompressedTensor
-from modelsqueeze.validate import Runner, accuracy, predictions, split_data
+from modelsqueeze.validate import Runner, accuracy, label_key, predictions, split_data
 
 Progress = Callable[[int], None]
 
@@ -145,18 +145,19 @@ class Evaluator:
         self.arrays, self.source, self.reference = arrays, source, reference
         self._split: dict[tuple[str, ...], tuple[dict, np.ndarray]] = {}
         self.evaluations = 0
-        self.agreement = "y" not in arrays
+        self.agreement = label_key() not in arrays
 
     def __call__(self, graph: onnx.ModelProto, label: str = "candidate") -> float:
         runner = Runner(graph, label)
         names = tuple(spec.name for spec in runner.inputs)
         if names not in self._split:
-            feeds, labels = split_data(self.arrays, runner, self.source)
+            samples = split_data(self.arrays, runner, self.source)
+            labels = samples.labels
             if labels is None:
                 if self.reference is None:
                     raise ModelSqueezeError(f"{self.source}: no `y` labels, so no accuracy")
-                labels = predictions(Runner(self.reference, "reference").run(feeds)[0])
-            self._split[names] = (feeds, labels)
+                labels = predictions(Runner(self.reference, "reference").run(samples)[0])
+            self._split[names] = (samples, labels)
         feeds, labels = self._split[names]
         self.evaluations += 1
         return accuracy(runner.run(feeds)[0], labels, self.source)

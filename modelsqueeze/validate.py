@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -43,8 +46,147 @@ class InputSpec:
     shape: tuple[int | str | None, ...]  # ints are fixed, str/None are dynamic
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """How data arrays meet a model's inputs: `batch_axes` gives an input's sample axis (None: the
+    array is fed whole to every batch), overriding what the model's dims say; `labels` names the
+    label array (default `y`)."""
+
+    batch_axes: Mapping[str, int | None] = None  # type: ignore[assignment]
+    labels: str | None = None
+
+    @property
+    def label_key(self) -> str:
+        return self.labels or "y"
+
+
+_options: ContextVar[DataOptions] = ContextVar("modelsqueeze_data_options", default=DataOptions({}, None))
+_listener: ContextVar[Callable[[str], None] | None] = ContextVar("modelsqueeze_data_notes", default=None)
+
+
+@contextmanager
+def data_options(batch_axes: Mapping[str, int | None] | None = None, labels: str | None = None) -> Iterator[None]:
+    """Data read inside this call uses these sample axes and this label array (--batch-axis, --labels)."""
+    token = _options.set(DataOptions(dict(batch_axes or {}), labels))
+    try:
+        yield
+    finally:
+        _options.reset(token)
+
+
+@contextmanager
+def data_notes(callback: Callable[[str], None]) -> Iterator[None]:
+    """What the data reader notices (arrays ignored, inputs fed whole) goes to `callback`, each once."""
+    told: set[str] = set()
+
+    def once(note: str) -> None:
+        if note not in told:
+            told.add(note)
+            callback(note)
+
+    token = _listener.set(once)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def label_key() -> str:
+    """The name of the label array in data read now (`y`, or what --labels gave)."""
+    return _options.get().label_key
+
+
+def _tell(note: str) -> None:
+    listener = _listener.get()
+    if listener is not None:
+        listener(note)
+
+
+def parse_batch_axes(items: list[str]) -> dict[str, int | None]:
+    """--batch-axis INPUT=AXIS items (AXIS a whole number, or `none`: fed whole to every batch)."""
+    axes: dict[str, int | None] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        value = value.strip().lower()
+        if not sep or not name.strip() or not (value == "none" or value.isdigit()):
+            raise ModelSqueezeError(f"--batch-axis {item!r}: expected INPUT=AXIS (a whole number, or none)")
+        axes[name.strip()] = None if value == "none" else int(value)
+    return axes
+
+
+@dataclass
+class Samples:
+    """Data split for a model: each input's array with its sample axis (None: fed whole to every
+    batch, e.g. a 0-d sample rate), the number of samples and the labels (if any)."""
+
+    feeds: dict[str, np.ndarray]
+    axes: dict[str, int | None]
+    n: int
+    labels: np.ndarray | None = None
+
+    def part(self, start: int, stop: int) -> "Samples":
+        """Samples start..stop (the labels are not carried)."""
+        feeds = {name: array if self.axes[name] is None else array[(slice(None),) * self.axes[name] + (slice(start, stop),)]
+                 for name, array in self.feeds.items()}
+        return Samples(feeds, dict(self.axes), max(0, min(stop, self.n) - start))
+
+
+def _batch_symbol(specs: list["InputSpec"]) -> str | None:
+    """The dim name most inputs have first ("batch", "N"): the sample axis wherever it appears."""
+    counts = Counter(s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str) and s.shape[0])
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def sample_axes(specs: list["InputSpec"], feeds: Mapping[str, np.ndarray], label: str = "data") -> tuple[dict[str, int | None], int]:
+    """Each input's sample axis and the number of samples. From the data and the model, not from
+    "axis 0 of everything": a 0-d array is fed whole; an input whose dims hold the batch dim name
+    ([2, batch, 128] state) is sampled along it; a dynamic leading dim is the sample axis; an input
+    of fixed shape whose data has exactly that shape, while the others have another number of
+    samples, is fed whole. --batch-axis INPUT=AXIS overrides."""
+    given = _options.get().batch_axes or {}
+    unknown = sorted(set(given) - {spec.name for spec in specs})
+    if unknown:
+        raise ModelSqueezeError(f"--batch-axis {unknown[0]}: the model has no input of that name "
+                                f"(inputs: {', '.join(s.name for s in specs)})")
+    symbol = _batch_symbol(specs)
+    axes: dict[str, int | None] = {}
+    fixed: list[InputSpec] = []
+    for spec in specs:
+        array = np.asarray(feeds[spec.name])
+        if spec.name in given:
+            axis = given[spec.name]
+            if axis is not None and axis >= array.ndim:
+                raise ModelSqueezeError(f"--batch-axis {spec.name}={axis}: its data has {array.ndim} dimension(s) {tuple(array.shape)}")
+            axes[spec.name] = axis
+        elif array.ndim == 0:
+            axes[spec.name] = None
+        elif symbol is not None and symbol in spec.shape and len(spec.shape) == array.ndim:
+            axes[spec.name] = list(spec.shape).index(symbol)
+        elif not spec.shape or not isinstance(spec.shape[0], int):
+            axes[spec.name] = 0
+        else:
+            axes[spec.name] = 0
+            fixed.append(spec)
+    counted = {np.asarray(feeds[name]).shape[axis] for name, axis in axes.items()
+               if axis is not None and name not in {f.name for f in fixed}}
+    if len(counted) == 1:
+        n = counted.pop()
+        for spec in fixed:
+            array = np.asarray(feeds[spec.name])
+            if tuple(array.shape) == tuple(spec.shape) and array.shape[0] != n:
+                axes[spec.name] = None
+                _tell(f"{label}: input {spec.name!r} {tuple(array.shape)} has the model's fixed shape, not {n} samples; "
+                      f"fed whole to every batch")
+    sizes = {name: np.asarray(feeds[name]).shape[axis] for name, axis in axes.items() if axis is not None}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {sizes[name]} (axis {axes[name]})" for name in sizes)
+        raise ModelSqueezeError(f"{label}: inputs have different numbers of samples: {listed}; "
+                                f"give an input's sample axis with --batch-axis INPUT=AXIS (or INPUT=none)")
+    return axes, (next(iter(sizes.values())) if sizes else 1)
+
+
 class Runner:
-    """One onnxruntime session over a model, run in batches along the leading dimension."""
+    """One onnxruntime session over a model, run in batches along each input's sample axis."""
 
     def __init__(self, model: onnx.ModelProto, label: str = "model"):
         self.label = label
@@ -68,49 +210,79 @@ class Runner:
                 raise ModelSqueezeError(f"{label}: input {arg.name!r} has type {arg.type}, which eval cannot feed")
             self.inputs.append(InputSpec(arg.name, _ORT_TO_NUMPY[arg.type], tuple(arg.shape)))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_types = [o.type for o in self.session.get_outputs()]
+        self.output_shapes = [tuple(o.shape) for o in self.session.get_outputs()]
 
-    def batchable(self) -> bool:
-        return all(spec.shape and not isinstance(spec.shape[0], int) for spec in self.inputs)
+    def samples(self, feeds: Mapping[str, np.ndarray] | Samples) -> Samples:
+        if isinstance(feeds, Samples):
+            return feeds
+        missing = [spec.name for spec in self.inputs if spec.name not in feeds]
+        if missing:
+            raise ModelSqueezeError(f"{self.label}: no data for input {missing[0]!r}")
+        axes, n = sample_axes(self.inputs, feeds, self.label)
+        return Samples({spec.name: np.asarray(feeds[spec.name]) for spec in self.inputs}, axes, n)
 
-    def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-        """All outputs for all samples. Samples are split along axis 0 into batches when the model's
-        leading dimension is dynamic, and fed one at a time when it is fixed at 1."""
-        feeds = self._conform(feeds)
-        n = _n_samples(feeds)
-        if self.batchable():
-            step = BATCH_SIZE
-        elif all(spec.shape and spec.shape[0] == 1 for spec in self.inputs):
-            step = 1
-        else:
-            step = n
+    def _step(self, samples: Samples) -> int:
+        """Samples per run: BATCH_SIZE where every sample axis is dynamic, one at a time where the
+        model fixes it at 1, all at once where it fixes it at another size."""
+        dims = [spec.shape[samples.axes[spec.name]] for spec in self.inputs
+                if samples.axes.get(spec.name) is not None and samples.axes[spec.name] < len(spec.shape)]
+        if all(not isinstance(d, int) for d in dims):
+            return BATCH_SIZE
+        if all(not isinstance(d, int) or d == 1 for d in dims):
+            return 1
+        return samples.n
+
+    def _output_axes(self, chunks: list[list[np.ndarray]], sizes: list[int]) -> list[int | None]:
+        """Each output's sample axis: the batch dim name's axis where the model declares it, else
+        axis 0, else the one axis whose size is every batch's sample count (a time-major
+        [steps, batch, ...] output); None where no axis is."""
+        symbol = _batch_symbol(self.inputs)
+        found: list[int | None] = []
+        for i, shape in enumerate(self.output_shapes):
+            fits = [axis for axis in range(min(c[i].ndim for c in chunks))
+                    if all(c[i].shape[axis] == size for c, size in zip(chunks, sizes))]
+            named = list(shape).index(symbol) if symbol is not None and symbol in shape else None
+            found.append(named if named in fits else 0 if 0 in fits else fits[0] if len(fits) == 1 else None)
+        return found
+
+    def run(self, feeds: Mapping[str, np.ndarray] | Samples, progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """All outputs for all samples, run in batches along each input's sample axis (inputs
+        without one are fed whole to every batch); outputs are joined along theirs (the batch dim
+        name's axis, else axis 0), or computed in one run when an output has no such axis."""
+        samples = self._conform(self.samples(feeds))
+        n = samples.n
+        step = max(1, self._step(samples))
         chunks: list[list[np.ndarray]] = []
+        sizes: list[int] = []
         for start in range(0, n, step):
-            batch = {k: v[start:start + step] for k, v in feeds.items()}
-            try:
-                chunks.append(self.session.run(self.output_names, batch))
-            except Exception as exc:
-                raise ModelSqueezeError(f"{self.label}: onnxruntime failed to run: {_first_line(exc)}") from None
+            batch = samples.part(start, start + step)
+            chunks.append(self._session_run(batch.feeds))
+            sizes.append(batch.n)
             if progress:
-                progress(min(step, n - start))
+                progress(batch.n)
         if not chunks:
             raise ModelSqueezeError(f"{self.label}: no samples to run")
         if len(chunks) == 1:
             return chunks[0]
-        batch_major = all(c[i].ndim and c[i].shape[0] == min(step, n - j * step)
-                          for j, c in enumerate(chunks) for i in range(len(self.output_names)))
-        if not batch_major:  # an output without a leading sample axis: run everything at once
-            try:
-                return self.session.run(self.output_names, feeds)
-            except Exception as exc:
-                raise ModelSqueezeError(f"{self.label}: onnxruntime failed to run: {_first_line(exc)}") from None
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
+        axes = self._output_axes(chunks, sizes)
+        joinable = all(axis is not None for axis in axes) and all(
+            np.delete(c[i].shape, axes[i]).tolist() == np.delete(chunks[0][i].shape, axes[i]).tolist()
+            for c in chunks for i in range(len(axes)))
+        if not joinable:  # an output without a sample axis: run everything at once
+            return self._session_run(samples.feeds)
+        return [np.concatenate([c[i] for c in chunks], axis=axes[i]) for i in range(len(self.output_names))]
 
-    def _conform(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _session_run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(self.output_names, dict(feeds))
+        except Exception as exc:
+            raise ModelSqueezeError(f"{self.label}: onnxruntime failed to run: {_first_line(exc)}") from None
+
+    def _conform(self, samples: Samples) -> Samples:
         out = {}
         for spec in self.inputs:
-            if spec.name not in feeds:
-                raise ModelSqueezeError(f"{self.label}: no data for input {spec.name!r}")
-            array = np.asarray(feeds[spec.name])
+            array = samples.feeds[spec.name]
             if array.dtype != spec.dtype:
                 if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                     raise ModelSqueezeError(
@@ -122,15 +294,15 @@ class Runner:
                     f"{self.label}: input {spec.name!r} has {len(spec.shape)} dimensions {_shape_str(spec.shape)}, "
                     f"data has {array.ndim} {tuple(array.shape)}"
                 )
+            sample_axis = samples.axes.get(spec.name)
             for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
-                fixed_batch = axis == 0 and want == 1
-                if isinstance(want, int) and want != got and not fixed_batch:
+                fed_singly = axis == sample_axis and want == 1
+                if isinstance(want, int) and want != got and not fed_singly:
                     raise ModelSqueezeError(
                         f"{self.label}: input {spec.name!r} wants shape {_shape_str(spec.shape)}, data has {tuple(array.shape)}"
                     )
             out[spec.name] = array
-        _n_samples(out)
-        return out
+        return Samples(out, dict(samples.axes), samples.n, samples.labels)
 
 
 def _shape_str(shape) -> str:
@@ -140,13 +312,6 @@ def _shape_str(shape) -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _n_samples(feeds: Mapping[str, np.ndarray]) -> int:
-    sizes = {v.shape[0] if v.ndim else 1 for v in feeds.values()}
-    if len(sizes) != 1:
-        raise ModelSqueezeError(f"inputs have different numbers of samples: {sorted(sizes)}")
-    return sizes.pop()
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -169,13 +334,20 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     for key, array in arrays.items():
         if not isinstance(array, np.ndarray):
             raise ModelSqueezeError(f"{path}: member {key!r} is not a numpy array")
-        if array.ndim == 0:
-            raise ModelSqueezeError(f"{path}: array {key!r} is a scalar; expected one row per sample")
     return arrays
 
 
-def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The model's feeds (by input name, or `x` for a single-input model) and the `y` labels."""
+def sample_count_hint(arrays: Mapping[str, np.ndarray]) -> int:
+    """A progress bar's total: the most samples any array holds along its first axis."""
+    return max((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+
+
+def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str, labels: bool = True) -> Samples:
+    """The model's feeds (by input name, or `x` for a single-input model) with their sample axes,
+    and the labels (`y`, or the array --labels names). Arrays the model does not read are ignored
+    with a note."""
+    label_key = _options.get().label_key
+    explicit = _options.get().labels is not None
     feeds = {}
     for spec in runner.inputs:
         if spec.name in data:
@@ -186,23 +358,38 @@ def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str) -> t
             raise ModelSqueezeError(
                 f"{source}: no array for input {spec.name!r} (arrays: {', '.join(sorted(data)) or 'none'})"
             )
-    labels = data.get("y")
-    if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
-        whole = np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
-        if not whole:
-            raise ModelSqueezeError(f"{source}: labels `y` must be class indices (whole numbers), not {labels.dtype} values")
-        labels = labels.astype(np.int64)
-    return feeds, labels
+    used = set(feeds) | ({"x"} if len(runner.inputs) == 1 and runner.inputs[0].name not in data else set())
+    if labels and explicit and label_key not in data:
+        raise ModelSqueezeError(f"{source}: no array {label_key!r} for --labels (arrays: {', '.join(sorted(data)) or 'none'})")
+    found = data.get(label_key) if labels and label_key not in feeds else None
+    ignored = sorted(set(data) - used - ({label_key} if found is not None else set()) - ({"y"} if not labels else set()))
+    if ignored:
+        _tell(f"{source}: array(s) {', '.join(ignored)} ignored (no input of the model has that name"
+              + (f"; labels are {label_key!r}" if labels else "") + ")")
+    samples = runner._conform(runner.samples(feeds))  # a wrong rank or type is found before the labels
+    if found is not None:
+        if found.ndim == 0:
+            raise ModelSqueezeError(f"{source}: labels {label_key!r} are a single value; expected one per sample")
+        if not (np.issubdtype(found.dtype, np.integer) or np.issubdtype(found.dtype, np.bool_)):
+            whole = np.issubdtype(found.dtype, np.floating) and np.all(np.isfinite(found)) and np.all(found == np.round(found))
+            if not whole:
+                raise ModelSqueezeError(f"{source}: labels {label_key!r} must be class indices (whole numbers), "
+                                        f"not {found.dtype} values")
+            found = found.astype(np.int64)
+        samples.labels = found
+    return samples
 
 
 def top1_accuracy(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], label: str = "model",
                   source: str = "data", progress: Callable[[int], None] | None = None) -> float:
     """Top-1 accuracy of `model` on labelled arrays (inputs by name or `x`, labels `y`)."""
     runner = Runner(model, label)
-    feeds, labels = split_data(arrays, runner, source)
-    if labels is None:
-        raise ModelSqueezeError(f"{source}: no `y` labels, so no accuracy")
-    return accuracy(runner.run(feeds, progress)[0], labels, source)
+    samples = split_data(arrays, runner, source)
+    if samples.labels is None:
+        others = sorted(set(arrays) - set(samples.feeds) - {"x"})
+        hint = f" (other arrays: {', '.join(others)}; --labels KEY names the label array)" if others else ""
+        raise ModelSqueezeError(f"{source}: no `{_options.get().label_key}` labels, so no accuracy{hint}")
+    return accuracy(runner.run(samples, progress)[0], samples.labels, source)
 
 
 def predictions(output: np.ndarray, label_shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -230,9 +417,18 @@ def accuracy(output: np.ndarray, labels: np.ndarray, source: str = "data") -> fl
     return float(np.mean(pred == labels)) if labels.size else float("nan")
 
 
+_FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
+def headline_output(runner: Runner) -> int:
+    """The output fidelity is headlined on: the first float output (scores, not an int64 label)."""
+    return next((i for i, t in enumerate(runner.output_types) if t in _FLOAT_OUTPUTS), 0)
+
+
 def fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
-    """How closely `output` follows `reference` (same shape): top-1 agreement, absolute errors,
-    cosine similarity and signal-to-noise ratio (None when the outputs are identical)."""
+    """How closely `output` follows `reference` (same shape): top-1 agreement (None for a float
+    output without a class axis), absolute errors, cosine similarity and signal-to-noise ratio
+    (None when the outputs are identical)."""
     if output.shape != reference.shape:
         raise ModelSqueezeError(f"outputs differ in shape: {output.shape} vs reference {reference.shape}")
     out = output.astype(np.float64).reshape(output.shape[0] if output.ndim else 1, -1)
@@ -241,8 +437,14 @@ def fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float | Non
     noise = float(np.sum(diff * diff))
     signal = float(np.sum(ref * ref))
     norms = float(np.linalg.norm(out) * np.linalg.norm(ref))
+    if not np.issubdtype(output.dtype, np.floating):  # labels, token ids: the share of equal values
+        agreement = float(np.mean(output == reference)) if output.size else 1.0
+    elif output.ndim >= 2 and output.shape[-1] > 1:  # scores over classes: the same top-1 class
+        agreement = float(np.mean(predictions(output) == predictions(reference)))
+    else:  # a regression output (a score per sample) has no top-1
+        agreement = None
     return {
-        "top1_agreement": float(np.mean(predictions(output) == predictions(reference))) if output.ndim else 1.0,
+        "top1_agreement": agreement,
         "max_abs_error": float(np.max(np.abs(diff))) if diff.size else 0.0,
         "mean_abs_error": float(np.mean(np.abs(diff))) if diff.size else 0.0,
         "cosine_similarity": float(np.sum(out * ref) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0),

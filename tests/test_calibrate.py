@@ -382,7 +382,7 @@ def test_load_calibration_drops_labels_and_names_the_path(tmp_path):
     ({"z": np.zeros((3, 4), np.float32)}, r"calib.npz: no array for input 'x' \(arrays: z\)"),
     ({"x": np.zeros((3, 5), np.float32)}, r"input 'x' wants shape \[batch, 16\]"),
     ({"x": np.zeros((3, 4), np.complex64)}, "wants float32, data is complex64"),
-    ({"x": np.zeros((0, 4), np.float32)}, "calib.npz: no samples"),
+    ({"x": np.zeros((0, MLP_IN), np.float32)}, "calib.npz: no samples"),
 ])
 def test_data_that_does_not_fit_the_model(mlp, arrays, message):
     views = [view_of(mlp, "fc1_w")]

@@ -534,7 +534,7 @@ def test_bad_calibration_files_are_one_error_line_and_nothing_written(tmp_path, 
     bad = _bad_calibration(tmp_path, kind)
     before = written(tmp_path)
     line = refused(command[0], model, "-o", tmp_path / "o.onnx", *command[1:], "--calibration", bad)
-    assert line.startswith(f"error: step 1 {command[0]}: "), line
+    assert line.startswith("error: ") and "step 1" not in line, line  # a single command has no steps to name
     assert bad.name in line or "calibration" in line, line
     assert written(tmp_path) == before
 

@@ -87,8 +87,10 @@ def test_bad_data_files(tmp_path, mlp_path):
     np.save(npy, np.zeros((3, 4), np.float32))
     assert ".npy" in one_error_line(invoke("eval", mlp_path, "--data", npy))
     scalars = tmp_path / "scalar.npz"
-    np.savez(scalars, x=np.float32(1.0), y=np.int64(0))
-    assert "scalar" in one_error_line(invoke("eval", mlp_path, "--data", scalars))
+    np.savez(scalars, x=np.float32(1.0), y=np.int64(0))  # a 0-d array is fed whole: here to a 2-D input
+    assert "input 'x' has 2 dimensions" in one_error_line(invoke("eval", mlp_path, "--data", scalars))
+    np.savez(scalars, x=np.zeros((3, MLP_IN), np.float32), y=np.int64(0))
+    assert "labels 'y' are a single value" in one_error_line(invoke("eval", mlp_path, "--data", scalars))
     odd_zip = tmp_path / "odd.npz"
     with zipfile.ZipFile(odd_zip, "w") as z:
         z.writestr("readme.txt", "hello")
@@ -97,10 +99,10 @@ def test_bad_data_files(tmp_path, mlp_path):
     np.savez(pickled, x=np.array([object()], dtype=object), y=np.zeros(1))
     one_error_line(invoke("eval", mlp_path, "--data", pickled))
     strings = tmp_path / "strings.npz"
-    np.savez(strings, x=np.zeros((2, 4), np.float32), y=np.array(["a", "b"]))
+    np.savez(strings, x=np.zeros((2, MLP_IN), np.float32), y=np.array(["a", "b"]))
     assert "class indices" in one_error_line(invoke("eval", mlp_path, "--data", strings))
     unlabelled = tmp_path / "unlabelled.npz"
-    np.savez(unlabelled, x=np.zeros((2, 4), np.float32))
+    np.savez(unlabelled, x=np.zeros((2, MLP_IN), np.float32))
     assert "no `y` labels" in one_error_line(invoke("eval", mlp_path, "--data", unlabelled))
 
 

@@ -198,6 +198,23 @@ def test_command(model_id, command, tmp_path):
             if np.issubdtype(o.dtype, np.floating):
                 assert np.all(np.isfinite(o)), "non-finite outputs"
 
+    # ... `eval` takes the corpus data for it, whatever the input signature (0-d, state, fixed
+    # batch 1, time-major outputs), and measures every output against the original's
+    measured = invoke("eval", out, "--data", MODELS / f"{model_id}.npz", "--reference", path, "--json", "--quiet")
+    assert measured.exit_code == 0, f"eval exit {measured.exit_code}: {measured.output}{measured.stderr}"
+    fidelity = json.loads(measured.stdout)
+    outputs = fidelity.get("fidelity_per_output", {fidelity["headline_output"]: fidelity["fidelity"]})
+    assert len(outputs) == len(want[0])
+    snrs = [fid["snr_db"] if fid["snr_db"] is not None else float("inf")
+            for fid, o in zip(outputs.values(), want[0]) if np.issubdtype(o.dtype, np.floating)]
+    record.update(headline_output=fidelity["headline_output"], top1_agreement=fidelity["fidelity"]["top1_agreement"],
+                  snr_db=fidelity["fidelity"]["snr_db"], min_snr_db=min(snrs, default=None))
+    # The defaults that must not hurt (issue 16): int8 per channel keeps every float output at
+    # 20 dB or more, 6-bit weight sharing at 15 dB or more.
+    floor = {"quantize": 20.0, "cluster": 15.0}.get(command)
+    if floor is not None:
+        assert min(snrs) >= floor, f"{command} leaves an output at {min(snrs):.1f} dB, below {floor} dB"
+
     # ... and its report: packed bytes measured, no tensor stored bigger than it was
     report = report_json(out)
     before = original_report(model_id)

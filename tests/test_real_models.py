@@ -4,6 +4,8 @@ layouts that cannot pay, tiny tensors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,7 +15,7 @@ from modelsqueeze import store
 from modelsqueeze.model import find_weights
 from modelsqueeze.pack import load_pair
 
-from cli_helpers import invoke, ok
+from cli_helpers import invoke, ok, refused
 
 HIDDEN, FEATURES = 16, 8
 
@@ -200,3 +202,274 @@ def test_the_record_size_bound_is_never_below_the_exact_size(tmp_path, steps):
         source = out
         for record in read_sidecar(out.with_suffix(".msq")).records.values():
             assert record_size_bound(record) >= record_size(record), (step, record.name, record.kind, record.stream_codecs)
+
+
+# Class 8: svd on weights held in Constant nodes and in subgraphs (a branch's own initializer, and
+# an outer-scope initializer read inside a branch). The weights are of rank 2, so rank-2 factors
+# reproduce the layer. The rewrite moves the If node: the keys of its weights must not move.
+BRANCHED = """
+<ir_version: 7, opset_import: ["" : 13]>
+g (float[N, 24] x, bool c) => (float[N, 20] y) {
+  h0 = MatMul(x, WC)
+  h = MatMul(h0, Wm)
+  y = If(c) <then_branch = t () => (float[N, 20] yt) { yt = MatMul(h, Outer) },
+             else_branch = e () => (float[N, 20] ye) { ye = MatMul(h, Own) }>
+}
+"""
+
+
+def _rank2(shape, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((shape[0], 2)) @ rng.standard_normal((2, shape[1]))).astype(np.float32) / 4
+
+
+def branched_model() -> onnx.ModelProto:
+    model = onnx.parser.parse_model(BRANCHED)
+    model.graph.node.insert(0, onnx.helper.make_node(
+        "Constant", [], ["WC"], value=onnx.numpy_helper.from_array(_rank2((24, 24), 1), "WC")))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(_rank2((24, 20), 2), "Outer"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(_rank2((24, 24), 5), "Wm"))
+    branch = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "else_branch")
+    branch.initializer.append(onnx.numpy_helper.from_array(_rank2((24, 20), 3), "Own"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _run(path, feeds):
+    """Outputs with onnxruntime's basic optimizations (at level all it fuses DequantizeLinear +
+    MatMul into kernels that quantize the activations too: issue 18)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_svd_factors_constant_node_and_subgraph_weights_and_the_output_computes(tmp_path):
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save_model(branched_model(), str(source))
+    result = ok("svd", source, "-o", out, "--rank", "2")
+    factored = {t["name"] for t in result["tensors"]}
+    assert factored == {f"{w}.svd_{s}" for w in ("WC", "Wm", "Outer", "If_3/else_branch/Own") for s in ("in", "out")}, factored
+    assert out.stat().st_size < source.stat().st_size
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert not [n for n in written.graph.node if n.op_type == "Constant"]  # its factors are initializers now
+    infos = {i.key for i in find_weights(written)}
+    assert {"WC", "Wm", "Outer", "If_3/else_branch/Own"}.isdisjoint(infos)
+    assert {"If_3/else_branch/Own.svd_in", "If_3/else_branch/Own.svd_out"} <= infos  # keys stay as reported
+    x = np.random.default_rng(4).standard_normal((6, 24)).astype(np.float32)
+    for branch in (True, False):
+        feeds = {"x": x, "c": np.array(branch)}
+        np.testing.assert_allclose(_run(out, feeds), _run(source, feeds), rtol=1e-4, atol=1e-4)
+
+
+# Class 9: a recurrent cell's weight is gate-stacked; svd leaves it alone unless named. Two forms:
+# an unrolled cell (MatMul -> Split into gates -> Sigmoid/Tanh) and a MatMul inside a Loop body.
+UNROLLED_CELL = """
+<ir_version: 7, opset_import: ["" : 13]>
+cell (float[N, 32] x) => (float[N, 32] h, float[N, 32] y) {
+  z = MatMul(x, Wg)
+  zb = Add(z, Bg)
+  i, f, g, o = Split<axis = 1>(zb)
+  si = Sigmoid(i)
+  sf = Sigmoid(f)
+  tg = Tanh(g)
+  so = Sigmoid(o)
+  c0 = Mul(si, tg)
+  c1 = Add(c0, sf)
+  tc = Tanh(c1)
+  h = Mul(so, tc)
+  y = MatMul(x, Wplain)
+}
+"""
+
+LOOP_CELL = """
+<ir_version: 7, opset_import: ["" : 13]>
+rnn (int64 steps, float[N, 32] h0) => (float[N, 32] h) {
+  keep = Constant<value = bool {1}>()
+  h = Loop(steps, keep, h0) <body = body (int64 i, bool c_in, float[N, 32] s) => (bool c_out, float[N, 32] s_out) {
+    c_out = Identity(c_in)
+    m = MatMul(s, Wr)
+    s_out = Tanh(m)
+  }>
+}
+"""
+
+
+def _with(text: str, arrays: dict) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in arrays.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["unrolled", "loop"])
+def test_svd_leaves_recurrent_weights_alone_by_default_and_factors_them_when_named(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    if kind == "unrolled":
+        model = _with(UNROLLED_CELL, {"Wg": rng.standard_normal((32, 128)).astype(np.float32),
+                                      "Bg": rng.standard_normal(128).astype(np.float32),
+                                      "Wplain": rng.standard_normal((32, 32)).astype(np.float32)})
+        recurrent, reason = "Wg", "is gate-stacked: its output is cut into 4 parts read by Sigmoid, Tanh"
+    else:
+        model = _with(LOOP_CELL, {"Wr": rng.standard_normal((32, 32)).astype(np.float32)})
+        recurrent, reason = "Wr", "is read in a Loop body"
+    source = tmp_path / "m.onnx"
+    onnx.save_model(model, str(source))
+    result = ok("svd", source, "-o", tmp_path / "a.onnx", "--rank", "4")
+    notes = "\n".join(result["notes"])
+    assert f"{recurrent}: {reason}" in notes and "left alone (name it in --layers" in notes, notes
+    factored = {t["name"].split(".svd_")[0] for t in result["tensors"]}
+    assert recurrent not in factored and factored == ({"Wplain"} if kind == "unrolled" else set())
+    for named in (["--layers", recurrent], ["--rank", f"{recurrent}=4,4"]):
+        result = ok("svd", source, "-o", tmp_path / "b.onnx", "--force", *(named if named[0] == "--layers" else []),
+                    *(["--rank", "4"] if named[0] == "--layers" else named))
+        assert recurrent in {t["name"].split(".svd_")[0] for t in result["tensors"]}, named
+        onnx.checker.check_model(onnx.load(str(tmp_path / "b.onnx")), full_check=True)
+
+
+@pytest.mark.parametrize("command", [["cluster", "--bits", "6"], ["quantize"], ["prune", "--sparsity", "0.5"]])
+def test_subgraph_and_constant_weights_are_compressed_where_the_graph_reads_them(tmp_path, command):
+    """The forms of a branch's own weight go into that branch, whatever nodes go in before the
+    branch's node (its key, "If_3/else_branch/Own", must keep pointing there); the output computes
+    with the compressed values in both branches, and unpacking gives a model no bigger than the
+    original."""
+    source, out, unpacked = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "plain.onnx"
+    model = branched_model()
+    onnx.save_model(model, str(source))
+    result = ok(command[0], source, "-o", out, *command[1:])
+    assert {t["name"] for t in result["tensors"]} == {"WC", "Wm", "Outer", "If_3/else_branch/Own"}
+    pair = load_pair(out)
+    values = {info.key: info.array() for info in find_weights(pair.model)}
+    assert set(values) == {"WC", "Wm", "Outer", "If_3/else_branch/Own"}
+    # The reference: the original graph with the pair's values put in where each weight lives.
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    expected.graph.node[0].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(values["WC"], "WC"))
+    branch = next(a.g for n in expected.graph.node if n.op_type == "If" for a in n.attribute if a.name == "else_branch")
+    for graph, key, name in ((expected.graph, "Wm", "Wm"), (expected.graph, "Outer", "Outer"),
+                             (branch, "If_3/else_branch/Own", "Own")):
+        tensor = next(t for t in graph.initializer if t.name == name)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values[key], name))
+    reference = tmp_path / "expected.onnx"
+    onnx.save_model(expected, str(reference))
+    assert not np.array_equal(values["If_3/else_branch/Own"], _rank2((24, 20), 3))  # compressed, so not the original
+    assert invoke("unpack", out, "-o", unpacked).exit_code == 0
+    assert unpacked.stat().st_size <= source.stat().st_size
+    x = np.random.default_rng(4).standard_normal((6, 24)).astype(np.float32)
+    for branch_taken in (True, False):
+        feeds = {"x": x, "c": np.array(branch_taken)}
+        want = _run(reference, feeds)
+        np.testing.assert_allclose(_run(out, feeds), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_run(unpacked, feeds), want, rtol=1e-5, atol=1e-5)
+
+
+# Class 10: inputs that are not one batch of samples. A VAD-like signature: a 0-d sample rate, a
+# state whose batch axis is 1, an array the model never reads, labels under another name.
+VAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+vad (float[{b}, 64] input, int64 sr, float[2, {b}, 16] state) => (float[{b}, 2] output, float[2, {b}, 16] stateN) {{
+  srf = Cast<to = 1>(sr)
+  scale = Div(srf, k)
+  h = MatMul(input, W)
+  hs = Mul(h, scale)
+  s0 = ReduceSum<keepdims = 0>(state, zero)
+  z = Add(hs, s0)
+  t = Tanh(z)
+  output = MatMul(t, V)
+  tu = Unsqueeze(t, zero)
+  stateN = Concat<axis = 0>(tu, tu)
+}}
+"""
+
+
+def vad_model(batch: str = "batch") -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return _with(VAD.format(b=batch), {"W": rng.standard_normal((64, 16)).astype(np.float32) / 8,
+                                       "V": rng.standard_normal((16, 2)).astype(np.float32),
+                                       "k": np.array(16000, np.float32), "zero": np.array([0])})
+
+
+def vad_data(path, n: int = 600):
+    rng = np.random.default_rng(1)
+    arrays = {"input": rng.standard_normal((n, 64)).astype(np.float32), "sr": np.array(8000, np.int64),
+              "state": rng.standard_normal((2, n, 16)).astype(np.float32) / 4, "sample_rate": np.array(8000)}
+    ort_out = _run_whole(vad_model(), arrays)
+    arrays["labels"] = ort_out[0].argmax(axis=1)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def _run_whole(model, arrays):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: arrays[k] for k in ("input", "sr", "state")})
+
+
+def test_a_scalar_input_is_fed_whole_and_a_state_is_batched_along_its_batch_axis(tmp_path):
+    from modelsqueeze.validate import Runner
+
+    arrays = vad_data(tmp_path / "d.npz")
+    runner = Runner(vad_model())
+    samples = runner.samples({k: arrays[k] for k in ("input", "sr", "state")})
+    assert samples.axes == {"input": 0, "sr": None, "state": 1} and samples.n == 600
+    got = runner.run(samples)  # 3 batches of at most 256 along each input's own axis
+    for ours, whole in zip(got, _run_whole(vad_model(), arrays)):
+        np.testing.assert_allclose(ours, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_validate_calibration_and_sensitivity_take_such_data(tmp_path):
+    source, data = tmp_path / "vad.onnx", tmp_path / "d.npz"
+    onnx.save_model(vad_model(), str(source))
+    vad_data(data)
+    result = invoke("eval", source, "--data", data, "--labels", "labels", "--reference", source, "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "sample_rate ignored" in result.stderr  # an array the model does not read: a note, not an error
+    summary = json.loads(result.stdout)
+    assert summary["accuracy"] == 1.0 and summary["samples"] == 600
+    assert set(summary["fidelity_per_output"]) == {"output", "stateN"}
+    out = tmp_path / "out.onnx"
+    step = ok("quantize", source, "-o", out, "--validate", data, "--labels", "labels", "--calibration", data)
+    assert 0.9 <= step["accuracy_after"] <= 1.0 and step["accuracy_before"] == 1.0
+    sens = invoke("sensitivity", source, "--data", data, "--labels", "labels", "--method", "prune", "--json", "--quiet")
+    assert sens.exit_code == 0, sens.output + sens.stderr
+    # Without --labels there is no `y`: --validate says so in one line.
+    line = refused("prune", source, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", "--validate", data, "--quiet")
+    assert "no `y` labels" in line and "other arrays: labels, sample_rate; --labels KEY" in line, line
+    assert not (tmp_path / "p.onnx").exists()
+    assert "no array 'target' for --labels" in refused("eval", source, "--data", data, "--labels", "target")
+
+
+def test_a_state_whose_batch_axis_the_model_does_not_name_needs_batch_axis(tmp_path):
+    source, data = tmp_path / "vad.onnx", tmp_path / "d.npz"
+    onnx.save_model(vad_model(batch="?"), str(source))
+    vad_data(data, n=40)
+    line = refused("eval", source, "--data", data, "--labels", "labels", "--quiet")
+    assert "different numbers of samples: input 40 (axis 0), state 2 (axis 0)" in line and "--batch-axis" in line, line
+    summary = ok("eval", source, "--data", data, "--labels", "labels", "--batch-axis", "state=1")
+    assert summary["accuracy"] == 1.0 and summary["samples"] == 40
+    assert "no input of that name" in refused("eval", source, "--data", data, "--batch-axis", "states=1", "--quiet")
+    assert "expected INPUT=AXIS" in refused("eval", source, "--data", data, "--batch-axis", "state=-1", "--quiet")
+
+
+# Class 11: skl2onnx classifiers put an int64 label before the probabilities.
+CLASSIFIER = """
+<ir_version: 8, opset_import: ["" : 17]>
+clf (float[N, 8] x) => (int64[N] label, float[N, 3] probabilities) {
+  z = MatMul(x, W)
+  probabilities = Softmax<axis = 1>(z)
+  label = ArgMax<axis = 1, keepdims = 0>(z)
+}
+"""
+
+
+def test_eval_headlines_the_float_scores_and_lists_every_output(tmp_path):
+    rng = np.random.default_rng(0)
+    source, small, data = tmp_path / "clf.onnx", tmp_path / "small.onnx", tmp_path / "d.npz"
+    onnx.save_model(_with(CLASSIFIER, {"W": rng.standard_normal((8, 3)).astype(np.float32)}), str(source))
+    np.savez(data, x=rng.standard_normal((200, 8)).astype(np.float32))
+    ok("cluster", source, "-o", small, "--bits", "2", "--min-params", "0")
+    summary = ok("eval", small, "--data", data, "--reference", source)
+    assert summary["headline_output"] == "probabilities"
+    assert summary["fidelity"] == summary["fidelity_per_output"]["probabilities"] != summary["fidelity_per_output"]["label"]
+    text = invoke("eval", small, "--data", data, "--reference", source).stdout
+    assert "headline output" in text and "output label" in text and "output probabilities" in text

@@ -366,27 +366,6 @@ def test_cases_it_does_not_factor_are_left_alone_and_listed():
         assert expected in notes
 
 
-def test_weights_inside_a_subgraph_are_left_alone():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 24] z, bool c) => (float[N, 20] s) {
-      s = If(c) <then_branch = th () => (float[N, 20] o) { o = MatMul(z, Outer) },
-                 else_branch = el () => (float[N, 20] o2) <float[24, 20] Own> { o2 = MatMul(z, Own) }>
-    }
-    """
-    model = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(0)
-    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((24, 20)).astype(np.float32), "Outer"))
-    else_branch = model.graph.node[0].attribute[0].g if model.graph.node[0].attribute[0].name == "else_branch" else model.graph.node[0].attribute[1].g
-    del else_branch.initializer[:]
-    else_branch.initializer.append(numpy_helper.from_array(rng.standard_normal((24, 20)).astype(np.float32), "Own"))
-    onnx.checker.check_model(model, full_check=True)
-    result = svd(model, {}, SvdConfig(rank=rule("2")))
-    assert result.layers == []
-    notes = "\n".join(result.notes)
-    assert "Outer: is read inside a subgraph" in notes and "If_0/else_branch/Own: lives in a subgraph" in notes
-
-
 def test_per_layer_rules_and_the_selection():
     src = load_pair(LENET300)
     result = svd(src.model, src.records, SvdConfig(energy=rule("fc1*=0.95,0.5"), selection=Selection(exclude=("fc3*",))))

@@ -72,8 +72,10 @@ class Calibrator:
 
     @property
     def samples(self) -> int:
-        """How many calibration samples (the arrays' leading dimension)."""
-        return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
+        """How many calibration samples (the most any array holds along its first axis)."""
+        from modelsqueeze.validate import sample_count_hint
+
+        return sample_count_hint(self.arrays) if self.arrays else 0
 
     def covers(self, key: str) -> bool:
         return key in self.views

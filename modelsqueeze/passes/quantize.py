@@ -166,8 +166,9 @@ def _upgrade(model: onnx.ModelProto, target: int, notes: list[str]) -> onnx.Mode
 
 def _keep_what_the_converter_drops(model: onnx.ModelProto, upgraded: onnx.ModelProto) -> None:
     """The version converter drops node metadata (PyTorch's stack traces can be most of a file),
-    adds inferred value_info and leaves the IR version as it was. Put back each node's metadata
-    where the node list is unchanged, the original value_info, and the lowest IR version the new
+    adds inferred value_info, names unnamed dims of the graph's inputs and outputs ("unk__0") and
+    leaves the IR version as it was. Put back each node's metadata where the node list is
+    unchanged, the original value_info, inputs and outputs, and the lowest IR version the new
     opsets allow (onnxruntime <= 1.16 refuses IR 10, which only opset 21 needs)."""
     for (old_path, old), (new_path, new) in zip(iter_graphs(model.graph), iter_graphs(upgraded.graph)):
         if old_path != new_path:
@@ -178,6 +179,10 @@ def _keep_what_the_converter_drops(model: onnx.ModelProto, upgraded: onnx.ModelP
                     after.metadata_props.extend(before.metadata_props)
         del new.value_info[:]
         new.value_info.extend(old.value_info)
+        for before_values, after_values in ((old.input, new.input), (old.output, new.output)):
+            if [v.name for v in before_values] == [v.name for v in after_values]:  # no "unk__0" for a '?' dim
+                for before, after in zip(before_values, after_values):
+                    after.CopyFrom(before)
     upgraded.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(upgraded.opset_import)))
 
 

@@ -4,9 +4,11 @@ parameters, with the rank chosen per layer or across layers for a parameter budg
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -15,8 +17,8 @@ from onnx import helper, numpy_helper
 from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
-from modelsqueeze.model import WeightInfo, find_weights, iter_graphs
-from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
+from modelsqueeze.model import WeightInfo, find_weights, iter_graphs, node_name, pin_labels
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, tensor_names, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.tensor import CompressedTensor
 
@@ -98,6 +100,9 @@ class _Target:
     node: onnx.NodeProto
     label: str
     orient: str  # how the weight becomes the matrix: "as is", "transposed" (Gemm transB), "flat" (Conv)
+    where: str = ""  # the path of the graph holding the layer's node ("" for the main graph)
+    graph: onnx.GraphProto | None = None  # the graph holding the layer's node
+    home: onnx.GraphProto | None = None  # the graph holding the weight (initializer or Constant node)
     spectrum: np.ndarray | None = None
 
     @property
@@ -128,11 +133,24 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _graphs(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
+    return dict(iter_graphs(model.graph))
+
+
+def _locate(model: onnx.ModelProto, qualified: str) -> tuple[str, onnx.GraphProto, onnx.NodeProto] | None:
+    """The path and graph holding the node `find_weights` calls `qualified` ("path/label"), and the node."""
+    for path, graph in iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if (f"{path}/{node_name(node, index)}" if path else node_name(node, index)) == qualified:
+                return path, graph, node
+    return None
+
+
 def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
-    """The layer to factor for this weight, or why it is left alone."""
-    if info.graph:
-        return "lives in a subgraph, left alone"
-    if info.source != "initializer":
+    """The layer to factor for this weight, or why it is left alone. Weights of Constant nodes and
+    of subgraphs (their own, or outer-scope ones read inside a branch) are factored like
+    initializers: the factors become initializers of the graph that held the weight."""
+    if info.source not in ("initializer", "constant"):
         return f"is a {info.source.replace('_', ' ')}, not a plain initializer; left alone"
     if len(info.consumers) != 1:
         return f"is read by {len(info.consumers)} nodes (shared weight), left alone"
@@ -143,15 +161,17 @@ def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
         return f"is a {consumer.op} weight; svd factors MatMul, Gemm and Conv weights only"
     if consumer.input_index != 1:
         return f"is input {consumer.input_index} of its {consumer.op}, not the weight input B; left alone"
-    graph = model.graph
-    found = [(i, n) for i, n in enumerate(graph.node) if info.name in n.input]
-    if len(found) != 1:
-        return f"is read inside a subgraph ({consumer.node}), left alone"
-    index, node = found[0]
+    home = _graphs(model).get(info.graph)
+    located = _locate(model, consumer.node)
+    if home is None or located is None:
+        return f"its {consumer.op} ({consumer.node}) cannot be found in the graph, left alone"
+    where, graph, node = located
+    if list(node.input[1:2]) != [info.name]:
+        return f"its {consumer.op} ({consumer.node}) does not read it by name, left alone"
     node = _detached(node)
-    if info.name in {o.name for o in graph.output}:
+    if any(info.name in {o.name for o in g.output} for g in (home, graph)):
         return "is also a graph output, left alone"
-    if info.name in {i.name for i in graph.input} and model.ir_version >= 4:
+    if home is model.graph and info.name in {i.name for i in home.input} and model.ir_version >= 4:
         return "is also a graph input (its value can be replaced at run time), left alone"
     ndim = len(info.shape)
     attrs = _attrs(node)
@@ -167,7 +187,56 @@ def _target(model: onnx.ModelProto, info: WeightInfo) -> _Target | str:
         if ndim < 3:
             return f"is a {ndim}-D Conv weight, left alone"
         orient = "flat"
-    return _Target(info, node, node.name or f"{node.op_type}_{index}", orient)
+    return _Target(info, node, consumer.node, orient, where=where, graph=graph, home=home)
+
+
+_GATES = ("Sigmoid", "Tanh", "HardSigmoid", "Relu")
+_PASS_ON = ("Add", "Identity", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def _recurrent(model: onnx.ModelProto, target: _Target) -> str:
+    """Why the layer looks like a recurrent cell's gate-stacked weight ("" if it does not): read
+    inside a Loop or Scan body, or its output split into three or more parts that gates read (an
+    unrolled LSTM/GRU). Factoring one stacked matrix mixes the gates, and the error compounds over
+    time steps."""
+    if target.where:
+        for path, op in _body_owners(model.graph):
+            if op in ("Loop", "Scan") and (target.where == path or target.where.startswith(path + "/")):
+                return f"is read in a {op} body (a recurrent cell)"
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in target.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    frontier = list(target.node.output[:1])
+    for _ in range(3):  # through a bias Add or a reshape, to where the stacked output is cut
+        parts: list[str] = []
+        for value in frontier:
+            cuts = readers.get(value, [])
+            splits = [n for n in cuts if n.op_type == "Split" and len(n.output) >= 3]
+            slices = [n for n in cuts if n.op_type == "Slice"]
+            for cut in splits[:1] or (slices if len(slices) >= 3 else []):
+                parts += list(cut.output)
+        if parts:
+            gated = {n.op_type for p in parts for n in readers.get(p, [])} & set(_GATES)
+            if gated:
+                return f"is gate-stacked: its output is cut into {len(parts)} parts read by {', '.join(sorted(gated))} (a recurrent cell)"
+            return ""
+        frontier = [o for v in frontier for n in readers.get(v, []) if n.op_type in _PASS_ON for o in n.output]
+        if not frontier:
+            return ""
+    return ""
+
+
+def _body_owners(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str, str]]:
+    """(subgraph path, op of the node that owns it) for every subgraph, as `iter_graphs` names them."""
+    for index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for i, sub in enumerate(subs):
+                label = f"{node_name(node, index)}/{attr.name}" + (f"[{i}]" if len(subs) > 1 else "")
+                sub_path = f"{path}/{label}" if path else label
+                yield sub_path, node.op_type
+                yield from _body_owners(sub, sub_path)
 
 
 def _positions(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -233,6 +302,15 @@ def _whitened(cal: Calibrator, target: _Target, rank: int, current: onnx.ModelPr
                            float(np.linalg.norm(matrix - product) / norm), float(np.sqrt(max(1.0 - kept, 0.0))))
 
 
+def _named(config: SvdConfig, info: WeightInfo) -> bool:
+    """Whether the user named this tensor: a --layers glob or a per-layer rule's glob matches it."""
+    names = tensor_names(info)
+    if any(fnmatch.fnmatchcase(n, glob) for glob in config.selection.layers for n in names):
+        return True
+    rules = (config.rank, config.energy, config.ratio, config.max_error)
+    return any(rule is not None and rule.lookup(info)[1] for rule in rules)
+
+
 def _choose_rank(config: SvdConfig, target: _Target) -> tuple[int | None, str]:
     """(rank, how it was chosen) from the per-layer rule; rank None means the rule skips the layer."""
     k, n = target.shape
@@ -283,8 +361,8 @@ class _Names:
 
 def _rewrite(model: onnx.ModelProto, target: _Target, factors: lowrank.Factors, names: _Names) -> tuple[str, str]:
     """Replace the layer by its two factor steps; returns the factors' initializer names (first, second)."""
-    graph, node, weight = model.graph, target.node, target.info.name
-    label, op = target.label, node.op_type
+    graph, home, node, weight = target.graph, target.home, target.node, target.info.name
+    label, op = node.name or target.label.rsplit("/", 1)[-1], node.op_type
     first_w, second_w = names.tensor(weight + SUFFIX_IN), names.tensor(weight + SUFFIX_OUT)
     middle = names.tensor(f"{label}.svd_mid")
     bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
@@ -322,25 +400,34 @@ def _rewrite(model: onnx.ModelProto, target: _Target, factors: lowrank.Factors, 
     for offset, new in enumerate(new_nodes):
         graph.node.insert(position + offset, new)
 
-    inits = list(graph.initializer)
-    at = next(i for i, t in enumerate(inits) if t.name == weight)
     replacement = [store.stub_array(first_w, np.ascontiguousarray(first)),
                    store.stub_array(second_w, np.ascontiguousarray(second))]
-    del graph.initializer[:]
-    graph.initializer.extend(inits[:at] + replacement + inits[at + 1:])
+    inits = list(home.initializer)
+    if target.info.source == "constant":  # the Constant node goes; its factors are initializers there
+        position = next(i for i, n in enumerate(home.node) if n.op_type == "Constant" and list(n.output[:1]) == [weight])
+        del home.node[position]
+        at = len(inits)
+    else:
+        at = next(i for i, t in enumerate(inits) if t.name == weight)
+        inits = inits[:at] + inits[at + 1:]
+    del home.initializer[:]
+    home.initializer.extend(inits[:at] + replacement + inits[at:])
     # The old weight's recorded type is stale; the layer's output keeps its name and shape.
-    stale = [v for v in graph.value_info if v.name == weight]
-    for value in stale:
-        graph.value_info.remove(value)
-    inputs = list(graph.input)
-    if any(i.name == weight for i in inputs):  # IR < 4: every initializer is also a graph input
-        elem = inputs[[i.name for i in inputs].index(weight)].type.tensor_type.elem_type
-        del graph.input[:]
+    for value_graph in {id(g): g for g in (home, graph)}.values():
+        for value in [v for v in value_graph.value_info if v.name == weight]:
+            value_graph.value_info.remove(value)
+    inputs = list(home.input)
+    if home is model.graph and model.ir_version < 4:  # IR < 4: every initializer is also a graph input
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(target.info.dtype))
+        factor_inputs = [helper.make_tensor_value_info(t.name, elem, list(t.dims)) for t in replacement]
+        del home.input[:]
         for value in inputs:
             if value.name != weight:
-                graph.input.append(value)
-                continue
-            graph.input.extend(helper.make_tensor_value_info(t.name, elem, list(t.dims)) for t in replacement)
+                home.input.append(value)
+            else:
+                home.input.extend(factor_inputs)
+        if all(value.name != weight for value in inputs):
+            home.input.extend(factor_inputs)
     return first_w, second_w
 
 
@@ -365,6 +452,9 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
         found = _target(out, info)
         if isinstance(found, str):
             notes.append(f"{info.key}: {found}")
+        elif (recurrent := _recurrent(out, found)) and not _named(config, info):
+            notes.append(f"{info.key}: {recurrent}; factoring it mixes the gates and its error compounds over time "
+                         f"steps, left alone (name it in --layers or in a 'glob=value' rule to factor it anyway)")
         elif lowrank.saving_rank_limit(*found.shape) < 1:
             notes.append(f"{info.key}: a {found.shape[0]}x{found.shape[1]} matrix cannot be factored into fewer parameters")
         else:
@@ -397,8 +487,11 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
                 plan.append((target, rank, how))
 
     shapes = _positions(out) if plan else {}
+    if plan:
+        pin_labels(out)  # the rewrite moves nodes; the keys of subgraph weights must not move
     names = _Names(out)
     layers: list[FactoredLayer] = []
+    changed: list[str] = []  # the factors' keys (subgraph-qualified like every weight's)
     for target, rank, how in track(plan):
         if target.spectrum is None:
             target.spectrum = lowrank.energies(target.matrix)
@@ -406,8 +499,9 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
             factors = _whitened(cal, target, rank, out, notes)
         else:
             factors = lowrank.factorize(target.matrix, rank, target.spectrum)
-        positions = _output_positions(target, shapes)
+        positions = _output_positions(target, shapes) if target.graph is out.graph else None
         first_w, second_w = _rewrite(out, target, factors, names)
+        changed += [f"{target.info.graph}/{name}" if target.info.graph else name for name in (first_w, second_w)]
         k, n = target.shape
         macs_before, macs_after = _macs(target, rank)
         layer = FactoredLayer(
@@ -429,7 +523,6 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
         notes.append(_totals(layers))
     else:
         notes.append("svd: no layer factored")
-    changed = [name for layer in layers for name in layer.factors]
     return SvdResult(model=out, records=new_records, changed=changed, notes=notes, layers=layers)
 
 
