@@ -33,6 +33,8 @@ from modelsqueeze.report import build_report, check_thresholds, load_previous, m
 from modelsqueeze.validate import (
     Runner,
     accuracy,
+    Metric,
+    Scorer,
     data_notes,
     data_options,
     fidelity,
@@ -231,6 +233,7 @@ def eval_command(
     random: Annotated[Optional[int], typer.Option("--random", help="Generate N inputs from the input signature instead of --data.")] = None,
     dim: Annotated[list[str], typer.Option("--dim", help="Size of a dynamic input dimension, NAME=VALUE (repeatable).")] = [],
     seed: Annotated[int, typer.Option(help="Seed for --random inputs.")] = 0,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="The figure to headline: top1 (accuracy, needs labels) | agreement | snr (against --reference); :OUTPUT picks the output, e.g. snr:probabilities.")] = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -243,6 +246,9 @@ def eval_command(
         raise ModelSqueezeError("give either --data or --random, not both")
     if random is not None and reference is None:
         raise ModelSqueezeError("--random inputs have no labels: compare with --reference ORIGINAL.onnx")
+    gauge = Metric.parse(metric)
+    if metric is not None and gauge.kind != "top1" and reference is None:
+        raise ModelSqueezeError(f"--metric {gauge.text} compares with a reference: add --reference ORIGINAL.onnx")
     pair = load_pair(model)
     runner = Runner(pair.runnable(), str(model))
     ref_runner = Runner(load_pair(reference).runnable(), str(reference)) if reference else None
@@ -270,13 +276,27 @@ def eval_command(
             raise ModelSqueezeError(f"{model} has {len(outputs)} outputs, the reference {len(ref_outputs)}")
         # The headline is the first float output (the scores: skl2onnx classifiers put an int64
         # label first); every output is listed.
-        headline = headline_output(runner)
+        headline = gauge.output_index(runner) if gauge.kind != "top1" else headline_output(runner)
         result["headline_output"] = runner.output_names[headline]
         result["fidelity"] = fidelity(outputs[headline], ref_outputs[headline])
         if len(outputs) > 1:
             result["fidelity_per_output"] = {
                 name: fidelity(o, r) for name, o, r in zip(runner.output_names, outputs, ref_outputs)
             }
+    if metric is not None:
+        index = gauge.output_index(runner)
+        if gauge.kind == "top1":
+            if labels is None:
+                raise ModelSqueezeError(f"--metric top1 needs labels: {data or 'random inputs'} has no `{label_key()}`")
+            value = accuracy(outputs[index], labels, source)
+        else:
+            fid = fidelity(outputs[index], ref_outputs[index])
+            value = fid["top1_agreement"] if gauge.kind == "agreement" else (
+                fid["snr_db"] if fid["snr_db"] is not None else float("inf") if fid["max_abs_error"] == 0 else None)
+            if value is None:
+                raise ModelSqueezeError(f"--metric {gauge.text}: undefined for output {runner.output_names[index]!r} "
+                                        f"({'no class axis' if gauge.kind == 'agreement' else 'all-zero reference'})")
+        result["metric"] = {"metric": gauge.text, "output": runner.output_names[index], "value": value}
     if as_json:
         _print_json(result)
         return
@@ -285,6 +305,9 @@ def eval_command(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("samples", str(result["samples"]))
+    if "metric" in result:
+        table.add_row(Text(f"{result['metric']['metric']} ({result['metric']['output']})"),
+                      gauge.show(result["metric"]["value"]))
     if "accuracy" in result:
         table.add_row("top-1 accuracy", f"{100 * result['accuracy']:.2f}%")
     if "reference_accuracy" in result:
@@ -380,27 +403,37 @@ def report(
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output model; its sidecar OUT.msq is written beside it.", show_default=False)]
 LayersOpt = Annotated[list[str], typer.Option("--layers", help="Only tensors whose name, or a consuming node's name, matches this glob (repeatable).")]
 ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Leave tensors matching this glob alone (repeatable).")]
-MinParamsOpt = Annotated[int, typer.Option("--min-params", help="Leave tensors with fewer parameters alone.")]
+MinParamsOpt = Annotated[Optional[int], typer.Option("--min-params", help="Leave tensors with fewer parameters alone. Default: leave alone those under 1,024 parameters that are also under 0.1% of the model's (they weigh next to nothing and small errors show there); 0 compresses every tensor.", show_default=False)]
 ValidateOpt = Annotated[Optional[Path], typer.Option("--validate", help="Labelled .npz: print accuracy before and after.")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", "-c", help="Inputs (.npz, labels not needed, e.g. a few thousand training samples): fit each layer to its original outputs, not only its weights.")]
 SequentialOpt = Annotated[bool, typer.Option("--sequential", help="With --calibration: fit each layer to the inputs the already-compressed layers before it produce.")]
 DampOpt = Annotated[float, typer.Option("--damp", help="With --calibration: ridge added to XᵀX, as a fraction of its mean diagonal.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="With --validate: exit 1, writing nothing, if accuracy falls by more than PP percentage points.")]
+MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="With --validate: top1 (accuracy on the labels, the default) | agreement (top-1 agreement with the input model, no labels needed) | snr (output SNR against the input model, dB; gate with --min-snr); :OUTPUT picks the output, e.g. snr:probabilities.")]
+MinSnrOpt = Annotated[Optional[float], typer.Option("--min-snr", help="With --metric snr: exit 1, writing nothing, if the output's SNR against the input falls below DB.")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Threads for independent tensors (cluster's k-means, Huffman coding). The output is the same for any value.")]
 
 
 def _transform(
     model: Path, output: Path, force: bool, steps: list[Step], command: str,
-    validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool, jobs: int = 1,
+    validate: Optional[Path], max_drop: Optional[float], as_json: bool, quiet: bool, jobs: int = 1, metric: Optional[str] = None, min_snr: Optional[float] = None,
 ) -> None:
     """The shared life of a transforming command (one step) and of pipeline/run (several): load,
     run the steps in memory, validate the graph exactly as it will be written, write the pair.
     Every refusal happens before anything is written."""
-    _check_finite(max_drop=max_drop)
+    _check_finite(max_drop=max_drop, min_snr=min_snr)
+    gauge = Metric.parse(metric)
     if max_drop is not None and validate is None:
         raise ModelSqueezeError("--max-drop needs --validate DATA.npz")
     if max_drop is not None and max_drop < 0:
         raise ModelSqueezeError(f"--max-drop {max_drop}: must be 0 or more")
+    if (metric is not None or min_snr is not None) and validate is None:
+        raise ModelSqueezeError(f"{'--metric' if metric is not None else '--min-snr'} needs --validate DATA.npz")
+    if min_snr is not None and gauge.kind != "snr":
+        raise ModelSqueezeError("--min-snr needs --metric snr")
+    if max_drop is not None and gauge.kind == "snr":
+        raise ModelSqueezeError("--metric snr is measured against the input model (infinite SNR before), so there is "
+                                "no drop to bound: gate it with --min-snr DB")
     pair = load_pair(model)
     if output.suffix == SIDECAR_SUFFIX:
         raise ModelSqueezeError(f"{output}: the output model must not end in {SIDECAR_SUFFIX}")
@@ -410,9 +443,15 @@ def _transform(
     summary: dict = {"command": command, "input": str(model), "output": str(output), "sidecar": str(sidecar_path(output))}
     measure = None
     if arrays is not None:
-        summary["accuracy_before"] = _labelled_accuracy(pair.runnable(), str(model), arrays, str(validate), quiet)
-        # Measured on the graph exactly as it will be written (native forms and all).
-        measure = lambda graph: top1_accuracy(graph, arrays, str(output), str(validate))  # noqa: E731
+        # The metric of the input, and of the graph exactly as it will be written (native forms
+        # and all) after each step; agreement and snr are measured against the input's outputs.
+        scorer = Scorer(gauge, arrays, None if gauge.kind == "top1" else pair.runnable(), str(validate))
+        summary["metric"] = gauge.text
+        with progress_bar(f"running {model}", sample_count_hint(arrays), quiet) as advance:
+            first = scorer(pair.runnable() if gauge.kind == "top1" else scorer.reference, str(model), advance)
+        if gauge.kind != "snr":
+            summary["accuracy_before"] = first
+        measure = lambda graph: scorer(graph, str(output))  # noqa: E731
     # What the summary needs of the input, kept small; the input model itself is let go as soon
     # as the first step has made its own (a pipeline holds one model at a time).
     before = {w.key: w for w in find_weights(pair.model)}
@@ -425,12 +464,17 @@ def _transform(
         final, records, outcomes = run_steps(inputs.pop("model"), inputs.pop("records"), steps, on_step, measure,
                                              size_last=False, release=True,
                                              name_steps=command in ("pipeline", "run"))
-    if arrays is not None:
+    if arrays is not None and gauge.kind == "snr":
+        summary["snr_db_after"] = after = outcomes[-1].accuracy
+        if min_snr is not None and after < min_snr:
+            raise CheckFailed(f"SNR {gauge.show(after)} against {model.name} is below --min-snr {min_snr:g} dB; nothing written")
+    elif arrays is not None:
         before, after = summary["accuracy_before"], outcomes[-1].accuracy
         summary.update(accuracy_after=after, drop_pp=100 * (before - after))
+        what = "accuracy" if gauge.kind == "top1" else f"top-1 agreement with {model.name}"
         if max_drop is not None and summary["drop_pp"] > max_drop:
             raise CheckFailed(
-                f"accuracy fell {summary['drop_pp']:.2f} pp ({100 * before:.2f}% -> {100 * after:.2f}%), "
+                f"{what} fell {summary['drop_pp']:.2f} pp ({100 * before:.2f}% -> {100 * after:.2f}%), "
                 f"more than --max-drop {max_drop:g}; nothing written"
             )
     record_bytes: dict[str, int] = {}
@@ -451,7 +495,8 @@ def _transform(
         summary["steps"] = [
             {"command": o.step.command, "options": step_options(o.step), "changed": len(o.changed),
              "packed_bytes": o.packed_bytes if o.packed_bytes is not None else summary["packed_bytes_after"],
-             **({"accuracy": o.accuracy} if o.accuracy is not None else {})}
+             **({("snr_db" if summary.get("metric", "").startswith("snr") else "accuracy"): o.accuracy}
+                if o.accuracy is not None else {})}
             for o in outcomes
         ]
     if as_json:
@@ -470,8 +515,10 @@ def _calibration(calibration: Optional[Path], sequential: bool, damp: float) -> 
     return {"calibration": str(calibration) if calibration is not None else None, "sequential": sequential, "damp": damp}
 
 
-def _selection(layers: list[str], exclude: list[str], min_params: int) -> dict:
-    return {"layers": list(layers), "exclude": list(exclude), "min_params": min_params}
+def _selection(layers: list[str], exclude: list[str], min_params: int | None) -> dict:
+    """The selection options as given (no --min-params: the default rule)."""
+    given = {"layers": list(layers), "exclude": list(exclude)}
+    return given if min_params is None else {**given, "min_params": min_params}
 
 
 def _zero_fraction(array: np.ndarray) -> float:
@@ -519,15 +566,19 @@ def _print_step(summary: dict, quiet: bool) -> None:
             steps.add_column(col, justify="left" if col in ("step", "options") else "right")
         for i, row in enumerate(summary["steps"], 1):
             options = " ".join(f"{k}={json.dumps(v)}" for k, v in row["options"].items())
-            accuracy = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else ""
+            accuracy = (f"{100 * row['accuracy']:.2f}%" if "accuracy" in row
+                        else Metric("snr").show(row["snr_db"]) if "snr_db" in row else "")
             steps.add_row(str(i), row["command"], Text(options), str(row["changed"]), f"{row['packed_bytes']:,}",
                           f"{summary['packed_bytes_before'] / row['packed_bytes']:.2f}x", accuracy)
         out.print(steps)
     before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
     out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x), skeleton + sidecar", highlight=False)
     if "accuracy_before" in summary:
-        out.print(f"accuracy {100 * summary['accuracy_before']:.2f}% → {100 * summary['accuracy_after']:.2f}% "
+        what = "accuracy" if summary["metric"].startswith("top1") else f"top-1 agreement ({summary['metric']})"
+        out.print(f"{what} {100 * summary['accuracy_before']:.2f}% → {100 * summary['accuracy_after']:.2f}% "
                   f"({-summary['drop_pp']:+.2f} pp)", highlight=False)
+    if "snr_db_after" in summary:
+        out.print(f"SNR ({summary['metric']}) against the input: {Metric('snr').show(summary['snr_db_after'])}", highlight=False)
     if not quiet:
         for note in summary["notes"]:
             err.print(f"note: {note}", markup=False, highlight=False)
@@ -554,11 +605,13 @@ def prune(
     damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -568,7 +621,7 @@ def prune(
     step = make_step("prune", _given(sparsity=sparsity, threshold=threshold, std_scale=std_scale, nm=nm, scope=scope,
                                      structured=structured, norm=norm, shrink=shrink, **_calibration(calibration, sequential, damp),
                                      **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, [step], "prune", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 @app.command(epilog="Examples:  modelsqueeze cluster pruned.onnx -o shared.onnx --bits 5   |   "
@@ -589,11 +642,13 @@ def cluster(
     damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -602,7 +657,7 @@ def cluster(
     """k-means weight sharing: a codebook of K values per tensor and bit-packed indices; zeros stay zero."""
     step = make_step("cluster", _given(bits=bits, clusters=clusters, init=init, method=method, scope=scope, seed=seed,
                                        **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, [step], "cluster", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 @app.command(epilog="Examples:  modelsqueeze quantize m.onnx -o q8.onnx   (int8, per channel, symmetric)   |   "
@@ -624,11 +679,13 @@ def quantize(
     damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -639,7 +696,7 @@ def quantize(
     step = make_step("quantize", _given(bits=bits, signed=signed, symmetric=symmetric, granularity=granularity,
                                         block_size=block_size, range=range_method, percentile=percentile,
                                         **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, [step], "quantize", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 @app.command(epilog="Examples:  modelsqueeze huffman shared.onnx -o coded.onnx   |   "
@@ -651,11 +708,13 @@ def huffman(
     max_unique: Annotated[int, typer.Option("--max-unique", help="Plain weights with at most this many distinct values are coded losslessly.")] = 256,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -663,7 +722,7 @@ def huffman(
 ) -> None:
     """Canonical Huffman coding of the sidecar's index, code and position streams (lossless)."""
     step = make_step("huffman", _given(max_unique=max_unique, **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "huffman", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, [step], "huffman", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 @app.command(epilog="Examples:  modelsqueeze svd lenet300.onnx -o low.onnx --energy 0.9   |   "
@@ -683,11 +742,13 @@ def svd(
     damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -696,7 +757,7 @@ def svd(
     """Low-rank factorization of MatMul/Gemm weights (two MatMuls) and Conv weights (k×k conv to r channels + 1×1 conv)."""
     step = make_step("svd", _given(rank=rank, energy=energy, ratio=ratio, max_error=max_error, target_params=target_params,
                                    **_calibration(calibration, sequential, damp), **_selection(layers, exclude, min_params)))
-    _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, [step], "svd", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,13 +801,15 @@ def pipeline(
     damp: DampOpt = 0.01,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Also write these steps as a TOML recipe (for `modelsqueeze run`).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the recipe these flags make and stop (nothing is read or written).")] = False,
     validate: ValidateOpt = None,
     max_drop: MaxDropOpt = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -782,7 +845,7 @@ def pipeline(
         print(dump_recipe(recipe, Path.cwd(), "modelsqueeze recipe (paths relative to this file's folder)"), end="")
         return
     _check_recipe_target(save_recipe, force, model, output, validate)
-    _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, output, force, steps, "pipeline", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
     if save_recipe is not None:
         _save_recipe(recipe, save_recipe, force, "written by `modelsqueeze pipeline --save-recipe`; run it with `modelsqueeze run`")
 
@@ -799,6 +862,8 @@ def run_recipe(
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Exit 1, writing nothing, if accuracy falls by more than PP points (overrides the recipe's `max_drop`).")] = None,
     jobs: JobsOpt = 1,
     force: ForceOpt = False,
+    metric: MetricOpt = None,
+    min_snr: MinSnrOpt = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -819,7 +884,7 @@ def run_recipe(
     max_drop = max_drop if max_drop is not None else recipe.max_drop
     if max_drop is not None and validate is None and recipe.max_drop is not None:
         raise ModelSqueezeError(f"{recipe_path}: `max_drop` needs `validate` (or --validate DATA.npz)")
-    _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet, jobs)
+    _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 
 @app.command(epilog="Example:  modelsqueeze unpack small.onnx -o small_dense.onnx")

@@ -41,7 +41,7 @@ from modelsqueeze.passes import Selection, finite_number
 from modelsqueeze import store
 from modelsqueeze.pipeline import describe, run_steps
 from modelsqueeze.recipe import Recipe, Step, check_path_text, dump_recipe, parse_step_spec
-from modelsqueeze.validate import label_key, load_npz
+from modelsqueeze.validate import Metric, label_key, load_npz
 
 EPILOG = (
     "Examples:  modelsqueeze sensitivity lenet300.onnx -d test.npz -m prune   |   "
@@ -70,8 +70,9 @@ def sensitivity_command(
     frontier_plot: Annotated[Optional[Path], typer.Option("--frontier-plot", help="With --target-*: write the size / accuracy frontier (.png, .svg, .pdf).")] = None,
     layers: LayersOpt = [],
     exclude: ExcludeOpt = [],
-    min_params: MinParamsOpt = 0,
+    min_params: MinParamsOpt = None,
     force: ForceOpt = False,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="top1 (accuracy on the labels; without labels, agreement) | agreement (top-1 agreement with the model's own predictions); :OUTPUT picks the output, e.g. agreement:scores.")] = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -125,9 +126,11 @@ def sensitivity_command(
             plotting.check_plot_path(path)
             check_output(path, force, [model, data])
         plotting.require_matplotlib()
+    gauge = Metric.parse(metric)
+    engine.Evaluator({}, metric=gauge)  # --metric snr refused before any work
     arrays = load_npz(data)
     pair = load_pair(model)
-    if label_key() not in arrays and not quiet:
+    if label_key() not in arrays and gauge.kind == "top1" and not quiet:
         err.print(f"note: {data} has no `{label_key()}` labels: accuracy here is top-1 agreement with {model.name}'s own predictions",
                   markup=False, highlight=False)
     selection = Selection(tuple(layers), tuple(exclude), min_params)
@@ -139,9 +142,10 @@ def sensitivity_command(
     if not searching or plot is not None:
         with progress_bar(f"sensitivity {spec.command} {model.name}", len(infos) * len(grid), quiet) as advance:
             table = engine.sensitivity(pair.model, pair.records, arrays, spec.command, grid, base, selection,
-                                       advance, str(data), baseline_bytes=baseline_bytes)
+                                       advance, str(data), baseline_bytes=baseline_bytes, metric=gauge)
     if not searching:
-        _report_table(table, model, data, recipe, plot, then_steps, max_drop, baseline_bytes, pair, arrays, as_json, quiet)
+        _report_table(table, model, data, recipe, plot, then_steps, max_drop, baseline_bytes, pair, arrays, as_json, quiet,
+                      metric=gauge)
         return
     target = limit if limit is not None else max(1, math.floor(baseline_bytes / target_ratio))
     # at most: the gentlest point, a one-layer table when the search ranks moves with it, every notch
@@ -154,7 +158,7 @@ def sensitivity_command(
 
         found = engine.search(pair.model, pair.records, arrays, spec.command, target, grid, base, then_steps,
                               selection, advance, str(data), table=table, baseline_bytes=baseline_bytes,
-                              on_accept=accepted)
+                              on_accept=accepted, metric=gauge)
     _report_search(found, table, model, data, recipe, plot, frontier_plot, max_drop, as_json, quiet, arrays)
 
 
@@ -246,11 +250,11 @@ def _validation(arrays: dict, data: Path, max_drop: float) -> dict:
     return {"validate": data, "max_drop": max_drop} if "y" in arrays else {}
 
 
-def _measure_steps(pair, arrays, steps: list[Step], source: str) -> tuple[int, float]:
+def _measure_steps(pair, arrays, steps: list[Step], source: str, metric: Metric | None = None) -> tuple[int, float]:
     """(packed bytes, accuracy) of the pair the steps would write."""
     with store.released():  # nothing of the measured pair is kept
         final, records, _ = run_steps(pair.model, pair.records, steps, size_last=False)
-        evaluate = engine.Evaluator(arrays, source, reference=pair.runnable())
+        evaluate = engine.Evaluator(arrays, source, reference=pair.runnable(), metric=metric)
         return packed_bytes(final, list(records.values())), evaluate(rendered(final, records.values()), "recipe")
 
 
@@ -282,14 +286,14 @@ def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, ma
 
 
 def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, baseline_bytes, pair, arrays,
-                  as_json, quiet) -> None:
+                  as_json, quiet, metric: Metric | None = None) -> None:
     chosen = engine.best_settings(result, max_drop)
     recipe = None
     combined = None
     if chosen or then_steps:
         recipe = engine.recipe_for(result.method, chosen, result.base_options, then_steps, input=model,
                                    **_validation(arrays, data, max_drop))
-        size, acc = _measure_steps(pair, arrays, list(recipe.steps), str(data))
+        size, acc = _measure_steps(pair, arrays, list(recipe.steps), str(data), metric)
         combined = {"packed_bytes": size, "ratio": baseline_bytes / size, "accuracy": acc,
                     "drop_pp": 100 * (result.baseline_accuracy - acc), "steps": describe(recipe.steps)}
     if recipe_path is not None:

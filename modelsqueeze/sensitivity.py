@@ -19,12 +19,12 @@ import onnx
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import WeightInfo, find_weights, model_to_bytes
 from modelsqueeze.pack import packed_bytes, rendered
-from modelsqueeze.passes import Selection, tensor_names
+from modelsqueeze.passes import Selection, nothing_selected, tensor_names
 from modelsqueeze import store
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, make_step
 from modelsqueeze.tensor import CompressedTensor
-from modelsqueeze.validate import Runner, accuracy, label_key, predictions, split_data
+from modelsqueeze.validate import Metric, Scorer, label_key
 
 Progress = Callable[[int], None]
 
@@ -123,7 +123,7 @@ def layers_to_vary(model: onnx.ModelProto, selection: Selection) -> list[WeightI
     names of consuming nodes, so a node named like another tensor would make one ambiguous)."""
     infos = selection.pick(model)
     if not infos:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+        raise nothing_selected(model)
     every = find_weights(model)
     for info in infos:
         glob = exact_glob(info.key)
@@ -135,32 +135,22 @@ def layers_to_vary(model: onnx.ModelProto, selection: Selection) -> list[WeightI
     return infos
 
 
-class Evaluator:
-    """Top-1 accuracy of candidate graphs on one data set: the data is split once, each graph gets
-    its own onnxruntime session (exactly what validate.top1_accuracy computes). Data without `y`
-    labels is scored by top-1 agreement with the `reference` graph's own predictions (the original
-    model), so a search can run on unlabelled calibration data instead of the test set."""
+class Evaluator(Scorer):
+    """The score of candidate graphs on one data set (validate.Scorer): top-1 accuracy on the
+    labels by default; data without labels is scored by top-1 agreement with the `reference`
+    graph (the original model), so a search can run on unlabelled calibration data instead of the
+    test set; `metric` asks for agreement (on a named output) outright. Scores are fractions."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data", reference: onnx.ModelProto | None = None):
-        self.arrays, self.source, self.reference = arrays, source, reference
-        self._split: dict[tuple[str, ...], tuple[dict, np.ndarray]] = {}
-        self.evaluations = 0
-        self.agreement = label_key() not in arrays
-
-    def __call__(self, graph: onnx.ModelProto, label: str = "candidate") -> float:
-        runner = Runner(graph, label)
-        names = tuple(spec.name for spec in runner.inputs)
-        if names not in self._split:
-            samples = split_data(self.arrays, runner, self.source)
-            labels = samples.labels
-            if labels is None:
-                if self.reference is None:
-                    raise ModelSqueezeError(f"{self.source}: no `y` labels, so no accuracy")
-                labels = predictions(Runner(self.reference, "reference").run(samples)[0])
-            self._split[names] = (samples, labels)
-        feeds, labels = self._split[names]
-        self.evaluations += 1
-        return accuracy(runner.run(feeds)[0], labels, self.source)
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data", reference: onnx.ModelProto | None = None,
+                 metric: Metric | None = None):
+        metric = metric or Metric()
+        if metric.kind == "snr":
+            raise ModelSqueezeError("sensitivity and its search score fractions (top1, agreement); --metric snr "
+                                    "is for --validate/--min-snr and eval")
+        self.agreement = metric.kind == "agreement" or label_key() not in arrays
+        if self.agreement and metric.kind == "top1":
+            metric = Metric("agreement", metric.output)
+        super().__init__(metric, arrays, reference, source)
 
 
 def _size(model: onnx.ModelProto, records: Mapping[str, CompressedTensor]) -> int:
@@ -218,6 +208,7 @@ def sensitivity(
     source: str = "data",
     evaluator: Evaluator | None = None,
     baseline_bytes: int | None = None,
+    metric: Metric | None = None,
 ) -> SensitivityResult:
     """For each selected layer and each value: apply `method` at that value to that layer alone,
     measure top-1 accuracy of the graph as written and the packed bytes of the pair. `progress(1)`
@@ -228,7 +219,7 @@ def sensitivity(
     grid = grid_values(spec, values, base)
     infos = layers_to_vary(model, selection)
     records = dict(records)
-    evaluate = evaluator or Evaluator(arrays, source, reference=rendered(model, records.values()))
+    evaluate = evaluator or Evaluator(arrays, source, reference=rendered(model, records.values()), metric=metric)
     baseline_accuracy = evaluate(rendered(model, records.values()), "baseline")
     acc: dict[str, dict[float, float]] = {}
     size: dict[str, dict[float, int]] = {}
@@ -386,6 +377,8 @@ def search(
     table: SensitivityResult | None = None,
     baseline_bytes: int | None = None,
     on_accept: Callable[[Point], None] | None = None,
+    evaluator: Evaluator | None = None,
+    metric: Metric | None = None,
 ) -> SearchResult:
     """Per-layer settings of `method` (followed by `then`) whose pair packs into `target_bytes` with
     the smallest accuracy drop, greedily: start with every layer at the gentlest value; at each
@@ -406,7 +399,7 @@ def search(
     infos = layers_to_vary(model, selection)
     keys = [info.key for info in infos]
     records = dict(records)
-    evaluate = Evaluator(arrays, source, reference=rendered(model, records.values()))
+    evaluate = evaluator or Evaluator(arrays, source, reference=rendered(model, records.values()), metric=metric)
     baseline_accuracy = evaluate(rendered(model, records.values()), "baseline")
     if baseline_bytes is None:
         baseline_bytes = _size(model, records)

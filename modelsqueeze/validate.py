@@ -392,6 +392,96 @@ def top1_accuracy(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], labe
     return accuracy(runner.run(samples, progress)[0], samples.labels, source)
 
 
+METRICS = ("top1", "agreement", "snr")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a gate or a search measures, and on which output. top1: accuracy against the labels
+    (a fraction; output 0 unless named); agreement: the share of samples whose top-1 class (or
+    integer value) equals the reference model's (a fraction, no labels needed); snr: the output's
+    signal-to-noise ratio against the reference model's, in dB (no labels needed). agreement and
+    snr read the first float output unless one is named: `snr:probabilities`."""
+
+    kind: str = "top1"
+    output: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Metric":
+        if text is None:
+            return cls()
+        kind, _, output = text.partition(":")
+        kind = kind.strip().lower()
+        if kind not in METRICS:
+            raise ModelSqueezeError(f"--metric {text!r}: expected one of {', '.join(METRICS)} (optionally :OUTPUT)")
+        if _ and not output.strip():
+            raise ModelSqueezeError(f"--metric {text!r}: no output name after ':'")
+        return cls(kind, output.strip() or None)
+
+    @property
+    def text(self) -> str:
+        return self.kind + (f":{self.output}" if self.output else "")
+
+    def output_index(self, runner: Runner) -> int:
+        if self.output is not None:
+            if self.output not in runner.output_names:
+                raise ModelSqueezeError(f"--metric {self.text}: the model has no output {self.output!r} "
+                                        f"(outputs: {', '.join(runner.output_names)})")
+            return runner.output_names.index(self.output)
+        return 0 if self.kind == "top1" else headline_output(runner)
+
+    def show(self, value: float) -> str:
+        if self.kind == "snr":
+            return "identical" if value == float("inf") else f"{value:.2f} dB"
+        return f"{100 * value:.2f}%"
+
+
+class Scorer:
+    """The metric of candidate graphs on one data set: the data is split once, the reference
+    graph's outputs computed once (agreement, snr), each candidate gets its own session."""
+
+    def __init__(self, metric: Metric, arrays: Mapping[str, np.ndarray], reference: onnx.ModelProto | None,
+                 source: str = "data"):
+        self.metric, self.arrays, self.reference, self.source = metric, arrays, reference, source
+        self._samples: dict[tuple[str, ...], Samples] = {}
+        self._reference_outputs: dict[tuple[str, ...], list[np.ndarray]] = {}
+        self.evaluations = 0
+
+    def __call__(self, graph: onnx.ModelProto, label: str = "candidate",
+                 progress: Callable[[int], None] | None = None) -> float:
+        runner = Runner(graph, label)
+        names = tuple(spec.name for spec in runner.inputs)
+        if names not in self._samples:
+            self._samples[names] = split_data(self.arrays, runner, self.source, labels=self.metric.kind == "top1")
+        samples = self._samples[names]
+        index = self.metric.output_index(runner)
+        self.evaluations += 1
+        if self.metric.kind == "top1":
+            if samples.labels is None:
+                others = sorted(set(self.arrays) - set(samples.feeds) - {"x"})
+                hint = f" (other arrays: {', '.join(others)}; --labels KEY names the label array)" if others else ""
+                raise ModelSqueezeError(f"{self.source}: no `{label_key()}` labels, so no accuracy{hint}; "
+                                        f"--metric agreement or snr needs none")
+            return accuracy(runner.run(samples, progress)[index], samples.labels, self.source)
+        if self.reference is None:
+            raise ModelSqueezeError(f"--metric {self.metric.text} needs a reference model")
+        if names not in self._reference_outputs:
+            self._reference_outputs[names] = Runner(self.reference, "reference").run(samples)
+        got, want = runner.run(samples, progress)[index], self._reference_outputs[names][index]
+        fid = fidelity(got, want)
+        name = runner.output_names[index]
+        if self.metric.kind == "agreement":
+            if fid["top1_agreement"] is None:
+                raise ModelSqueezeError(f"--metric agreement: output {name!r} {tuple(got.shape)} has no class axis "
+                                        f"(one score per sample); use --metric snr")
+            return fid["top1_agreement"]
+        if fid["snr_db"] is None:
+            if fid["max_abs_error"] == 0:
+                return float("inf")
+            raise ModelSqueezeError(f"--metric snr: the reference's output {name!r} is all zeros; its SNR is undefined")
+        return fid["snr_db"]
+
+
 def predictions(output: np.ndarray, label_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Top-1 class per sample: argmax over the class axis of scores (the last axis, after dropping
     singleton axes unless the labels keep them), or the output itself when it holds labels."""

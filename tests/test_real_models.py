@@ -473,3 +473,95 @@ def test_eval_headlines_the_float_scores_and_lists_every_output(tmp_path):
     assert summary["fidelity"] == summary["fidelity_per_output"]["probabilities"] != summary["fidelity_per_output"]["label"]
     text = invoke("eval", small, "--data", data, "--reference", source).stdout
     assert "headline output" in text and "output label" in text and "output probabilities" in text
+
+
+# --metric: models without labels are gated and searched on fidelity to the input model.
+def test_validate_gates_on_agreement_or_snr_without_labels(tmp_path):
+    source, data, out = tmp_path / "vad.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
+    onnx.save_model(vad_model(), str(source))
+    vad_data(data)
+    step = ok("quantize", source, "-o", out, "--validate", data, "--metric", "snr", "--min-snr", "20")
+    measured = ok("eval", out, "--data", data, "--reference", source, "--metric", "snr")
+    assert step["snr_db_after"] == pytest.approx(measured["metric"]["value"], abs=1e-9) and step["snr_db_after"] > 20
+    assert measured["metric"]["output"] == "output"  # the first float output
+    out.unlink()
+    out.with_suffix(".msq").unlink(missing_ok=True)
+    result = invoke("quantize", source, "-o", out, "--validate", data, "--metric", "snr:stateN", "--min-snr", "90", "--quiet")
+    assert result.exit_code == 1 and "below --min-snr 90 dB; nothing written" in result.stderr, result.stderr
+    result = invoke("cluster", source, "-o", out, "--bits", "2", "--min-params", "0", "--validate", data,
+                    "--metric", "agreement", "--max-drop", "1", "--quiet")
+    assert result.exit_code == 1 and "top-1 agreement with vad.onnx fell" in result.stderr, result.stderr
+    assert not out.exists() and not out.with_suffix(".msq").exists()
+    agreed = ok("cluster", source, "-o", out, "--bits", "2", "--min-params", "0", "--validate", data, "--metric", "agreement")
+    assert agreed["accuracy_before"] == 1.0 and agreed["drop_pp"] == pytest.approx(100 * (1 - agreed["accuracy_after"]))
+    for bad, message in ((["--metric", "snr", "--max-drop", "1"], "gate it with --min-snr"),
+                         (["--min-snr", "20"], "--min-snr needs --metric snr"),
+                         (["--metric", "f1"], "expected one of top1, agreement, snr"),
+                         (["--metric", "snr:nope"], "no output 'nope' (outputs: output, stateN)")):
+        line = refused("prune", source, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", "--validate", data, *bad, "--quiet")
+        assert message in line, (bad, line)
+    assert "needs --validate" in refused("prune", source, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", "--metric", "snr")
+
+
+def test_eval_and_sensitivity_take_the_metric(tmp_path):
+    source, data, out = tmp_path / "vad.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
+    onnx.save_model(vad_model(), str(source))
+    vad_data(data)
+    ok("cluster", source, "-o", out, "--bits", "3", "--min-params", "0")
+    measured = ok("eval", out, "--data", data, "--reference", source, "--metric", "snr:stateN")
+    assert measured["headline_output"] == "stateN"
+    assert measured["metric"]["value"] == measured["fidelity_per_output"]["stateN"]["snr_db"] == measured["fidelity"]["snr_db"]
+    sens = ok("sensitivity", source, "--data", data, "--method", "cluster", "--values", "4,2", "--metric", "agreement",
+              "--min-params", "0")
+    assert sens["baseline_accuracy"] == 1.0  # agreement of the model with itself, although `labels` are there
+    assert "snr is for --validate" in refused("sensitivity", source, "--data", data, "--method", "cluster", "--metric", "snr")
+
+
+QDQ = """
+<ir_version: 8, opset_import: ["" : 17]>
+qdq (float[N, 8] x) => (float[N, 4] y) {
+  w = DequantizeLinear(Wq, scale, zero)
+  y = MatMul(x, w)
+}
+"""
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["cluster", "--bits", "4"], ["prune", "--sparsity", "0.5"],
+                                     ["svd", "--rank", "2"], ["huffman"]])
+def test_an_already_quantized_model_is_refused_saying_so(tmp_path, command):
+    model = _with(QDQ, {"Wq": np.arange(32, dtype=np.int8).reshape(8, 4), "scale": np.array(0.1, np.float32),
+                        "zero": np.array(0, np.int8)})
+    source = tmp_path / "qdq.onnx"
+    onnx.save_model(model, str(source))
+    line = refused(command[0], source, "-o", tmp_path / "o.onnx", *command[1:])
+    assert "no float weights to compress: it is already quantized (1 DequantizeLinear" in line, line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# Class 6, by default: a tensor tiny both absolutely and against the model (a 1-output head on a
+# 131k-parameter body) is left alone; --min-params 0 compresses it.
+HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 1024] x) => (float[N, 1] y) {
+  h = MatMul(x, body)
+  r = Relu(h)
+  y = MatMul(r, head)
+}
+"""
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["cluster", "--bits", "4"], ["prune", "--sparsity", "0.5"]])
+def test_by_default_tiny_tensors_of_a_big_model_are_left_alone(tmp_path, command):
+    rng = np.random.default_rng(0)
+    model = _with(HEAD, {"body": rng.standard_normal((1024, 128)).astype(np.float32),
+                         "head": rng.standard_normal((128, 1)).astype(np.float32)})
+    source = tmp_path / "m.onnx"
+    onnx.save_model(model, str(source))
+    result = ok(command[0], source, "-o", tmp_path / "a.onnx", *command[1:])
+    assert [t["name"] for t in result["tensors"]] == ["body"]
+    assert any("1 tensor(s) of fewer than 1,024 parameters and under 0.1% of the model left alone by default: head (128)"
+               in note for note in result["notes"]), result["notes"]
+    every = ok(command[0], source, "-o", tmp_path / "b.onnx", *command[1:], "--min-params", "0")
+    # head is compressed now, or measured and kept because its record would not be smaller
+    assert "head" in {t["name"] for t in every["tensors"]} or any(n.startswith("head: ") for n in every["notes"]), every
+    assert not any("left alone by default" in note for note in every["notes"])

@@ -81,30 +81,67 @@ def track(items: Sequence[T]) -> Iterator[T]:
             watcher(done, len(items))
 
 
+# By default (no --min-params) a tensor is left alone when it is tiny both absolutely and against
+# the model: it weighs next to nothing, and a final classifier, an SE gate or a depthwise filter of
+# that size is where small errors show (issue 16, class 6).
+AUTO_MIN_PARAMS = 1024
+AUTO_MIN_SHARE = 0.001
+
+
 @dataclass(frozen=True)
 class Selection:
-    """The shared --layers / --exclude / --min-params filter."""
+    """The shared --layers / --exclude / --min-params filter. `min_params` None is the default
+    rule: leave alone tensors of fewer than AUTO_MIN_PARAMS parameters that are also under
+    AUTO_MIN_SHARE of the model's float parameters; a number (0 included) is a plain threshold."""
 
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    min_params: int = 0
+    min_params: int | None = None
 
     def __post_init__(self) -> None:
-        if self.min_params < 0:
+        if self.min_params is not None and self.min_params < 0:
             raise ModelSqueezeError(f"--min-params {self.min_params}: must be 0 or more")
 
-    def pick(self, model: onnx.ModelProto) -> list[WeightInfo]:
-        return select_weights(find_weights(model), self.layers, self.exclude, self.min_params)
+    def pick(self, model: onnx.ModelProto, notes: list[str] | None = None) -> list[WeightInfo]:
+        every = find_weights(model)
+        chosen = select_weights(every, self.layers, self.exclude, self.min_params or 0)
+        if self.min_params is not None:
+            return chosen
+        total = sum(info.n_params for info in every)
+        tiny = [info for info in chosen if info.n_params < AUTO_MIN_PARAMS and info.n_params < AUTO_MIN_SHARE * total]
+        if tiny and notes is not None:
+            names = ", ".join(f"{info.key} ({info.n_params})" for info in tiny[:4]) + (", ..." if len(tiny) > 4 else "")
+            notes.append(f"{len(tiny)} tensor(s) of fewer than {AUTO_MIN_PARAMS:,} parameters and under "
+                         f"{AUTO_MIN_SHARE:.1%} of the model left alone by default: {names}; --min-params 0 "
+                         f"compresses them")
+        return [info for info in chosen if info not in tiny] if tiny else chosen
 
-    def start(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[WeightInfo]]:
+    def start(self, model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[WeightInfo]]:
         """Every pass's first step: a copy of the model to change, and the tensors selected in it
         (none is a usage error)."""
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        selected = self.pick(copy)
+        selected = self.pick(copy, notes)
         if not selected:
-            raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+            raise nothing_selected(copy)
         return copy, selected
+
+
+def nothing_selected(model: onnx.ModelProto) -> ModelSqueezeError:
+    """The error for an empty selection, saying why when the model has no float weights at all
+    (already quantized: its weights are integers read by DequantizeLinear)."""
+    from modelsqueeze.model import COMPRESSIBLE_ROLES, iter_graphs
+
+    if not [w for w in find_weights(model) if w.role in COMPRESSIBLE_ROLES]:
+        dequantized = sum(n.op_type in ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearConv",
+                                        "QLinearMatMul", "ConvInteger", "MatMulNBits")
+                          for _, graph in iter_graphs(model.graph) for n in graph.node)
+        if dequantized:
+            return ModelSqueezeError(f"the model has no float weights to compress: it is already quantized "
+                                     f"({dequantized} DequantizeLinear / integer-kernel nodes read integer weights)")
+        return ModelSqueezeError("the model has no float weight tensors read by a layer (MatMul, Gemm, Conv, "
+                                 "recurrent, Gather); nothing to compress")
+    return ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
 
 
 def finite_only(selected: list[WeightInfo], notes: list[str]) -> list[WeightInfo]:

@@ -166,8 +166,8 @@ def _refit(cal: Calibrator, info: WeightInfo, array: np.ndarray, record: Compres
 
 def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: ClusterConfig) -> PassResult:
     """Apply `config` to a copy of the logical `model`; pruned zeros stay zero."""
-    out, selected = config.selection.start(model)
     notes: list[str] = []
+    out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
     chosen = []  # (info, k); each tensor's values are read when it is clustered, not all at once
     for info in selected:

@@ -67,8 +67,8 @@ def code_streams(record: CompressedTensor) -> CompressedTensor:
 
 def huffman(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: HuffmanConfig) -> PassResult:
     """Code the selected tensors' streams; the model's values do not change."""
-    out, selected = config.selection.start(model)
     notes: list[str] = []
+    out, selected = config.selection.start(model, notes)
     new_records = dict(records)
     changed = []
     def code(info) -> tuple[CompressedTensor | None, str]:

@@ -186,8 +186,8 @@ def _prune_tensorwise(config: PruneConfig, out: onnx.ModelProto, records: dict[s
 def prune(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: PruneConfig) -> PassResult:
     """Apply `config` to a copy of `model` whose tensors hold their current values; `records` are
     the input pair's. Pruned tensors get sparse records; with --shrink, removed channels leave the graph."""
-    out, selected = config.selection.start(model)
     notes: list[str] = []
+    out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
     cal = Calibrator.create(config, model, selected, notes)
     if cal is None and not config.shrink:

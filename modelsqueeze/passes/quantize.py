@@ -190,7 +190,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     """Apply `config` to a copy of the logical `model`; a tensor without a `bits` value (no
     default and no matching override) is left alone."""
     notes: list[str] = []
-    out, selected = config.selection.start(model)
+    out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
     cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
     if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):

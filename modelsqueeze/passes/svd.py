@@ -18,7 +18,7 @@ from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.kernels import lowrank
 from modelsqueeze.model import WeightInfo, find_weights, iter_graphs, node_name, pin_labels
-from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, tensor_names, track
+from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, nothing_selected, tensor_names, track
 from modelsqueeze.passes.calibration import Calibrator
 from modelsqueeze.tensor import CompressedTensor
 
@@ -443,9 +443,9 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     out = onnx.ModelProto()
     out.CopyFrom(model)
     notes: list[str] = []
-    selected = config.selection.pick(out)
+    selected = config.selection.pick(out, notes)
     if not selected:
-        raise ModelSqueezeError("no weight tensors match the selection (check --layers/--exclude/--min-params)")
+        raise nothing_selected(out)
     selected = finite_only(selected, notes)
     targets: list[_Target] = []
     for info in selected:
