@@ -26,7 +26,7 @@ from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights, model_file_bytes
 from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, check_outputs, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
                                unpack as unpack_pair, write_pair)
-from modelsqueeze.passes import parallel, watching
+from modelsqueeze.passes import Selection, parallel, watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, load_previous, markdown, parse_growth, rich_table, summary_table
@@ -149,6 +149,18 @@ def step_progress(label: str, n_steps: int, quiet: bool) -> Iterator[tuple[Calla
 
         yield on_step, on_tensor
         progress.update(steps, completed=n_steps)
+
+
+def _sensitivity_table(rows: list[dict]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title="output sensitivity: each tensor alone at int8 per channel",
+                  title_justify="left")
+    for col in ("tensor", "params", "output", "SNR", "top-1 agreement", ""):
+        table.add_column(col, justify="left" if col in ("tensor", "output", "") else "right")
+    for row in rows:
+        table.add_row(Text(row["name"]), f"{row['params']:,}", Text(row["output"]),
+                      "-" if row["snr_db"] is None else Metric("snr").show(row["snr_db"]),
+                      "-" if row["top1_agreement"] is None else f"{100 * row['top1_agreement']:.2f}%", Text(row["note"]))
+    return table
 
 
 def _agreement_text(fid: dict) -> str:
@@ -348,6 +360,7 @@ def report(
     max_growth: Annotated[Optional[str], typer.Option("--max-growth", help="Fail (exit 1) if the packed size grew more than this over --baseline-json, e.g. 1% or 0.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write per-layer weight histograms with codebook centroids / quantization grid marked (.png, .svg, .pdf; needs matplotlib).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --plot file.")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="With --data (labels not needed): per tensor, the output SNR and top-1 agreement with that tensor alone quantized to int8 per channel, lowest first (fixed signal-processing bases and sensitive heads show up at the top).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-tensor and total sizes, sparsity, unique values, bits per weight, ratio and accuracy; CI gates."""
@@ -362,6 +375,8 @@ def report(
         raise ModelSqueezeError("--max-drop needs --data DATA.npz and --baseline ORIGINAL.onnx (or --baseline-json SIZE.json)")
     if min_ratio is not None and baseline is None:
         raise ModelSqueezeError("--min-ratio needs --baseline ORIGINAL.onnx to compute a ratio")
+    if sensitivity and data is None:
+        raise ModelSqueezeError("--sensitivity needs --data DATA.npz (the model's inputs; labels not needed)")
     if plot is not None:
         from modelsqueeze import plots
 
@@ -372,8 +387,16 @@ def report(
     result = build_report(pair, baseline)
     if baseline_json is not None:
         load_previous(result, baseline_json)
+    rows = None
     if data is not None:
         arrays = load_npz(data)
+        if sensitivity:
+            from modelsqueeze.sensitivity import output_sensitivity
+
+            n = len(Selection(min_params=0).pick(pair.model))
+            with progress_bar(f"int8 one tensor at a time: {model.name}", n, quiet) as advance:
+                rows = output_sensitivity(pair.model, pair.records, arrays, str(data), advance)
+    if data is not None and (not sensitivity or label_key() in arrays or max_drop is not None):
         result.accuracy = _labelled_accuracy(pair.runnable(), str(model), arrays, str(data), quiet)
         if baseline is not None:
             result.baseline_accuracy = _labelled_accuracy(load_pair(baseline).runnable(), str(baseline), arrays, str(data), quiet)
@@ -387,12 +410,14 @@ def report(
             title = f"weights of {baseline.name} with the codebooks / grids of {model.name}"
         plots.plot_histograms(layers, plot, title=title)
     if as_json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), **({"output_sensitivity": rows} if rows is not None else {})})
     elif as_markdown:
         print(markdown(result), end="")
     else:
         out.print(rich_table(result))
         out.print(summary_table(result))
+        if rows is not None:
+            out.print(_sensitivity_table(rows))
     if failures:
         raise CheckFailed("; ".join(failures))
 

@@ -478,3 +478,38 @@ def _next_saving(configs: _Configurations, current: tuple[int, ...], i: int, cur
             return notches, candidate
         futile.add(notch)
     return None
+
+
+# --- per-tensor output sensitivity -----------------------------------------------------------
+
+def output_sensitivity(model: onnx.ModelProto, records: Mapping[str, CompressedTensor], arrays: Mapping[str, np.ndarray],
+                       source: str = "data", progress: Progress | None = None) -> list[dict]:
+    """Per compressible tensor: the output SNR and top-1 agreement of the model with that tensor
+    alone quantized the default way (int8 per channel), against the model as it is. Fixed bases
+    (an STFT basis fed to a Conv) and sensitive heads are what show up first; ordered by SNR."""
+    from modelsqueeze.validate import Runner, fidelity, headline_output, split_data
+
+    reference = rendered(model, records.values())
+    runner = Runner(reference, "reference")
+    samples = split_data(arrays, runner, source, labels=False)
+    index = headline_output(runner)
+    want = runner.run(samples)[index]
+    rows = []
+    for info in Selection(min_params=0).pick(model):
+        step = make_step("quantize", {"layers": [exact_glob(info.key)], "min_params": 0})
+        row = {"name": info.key, "params": info.n_params, "output": runner.output_names[index]}
+        try:
+            with store.released():
+                final, new_records, outcomes = run_steps(model, records, [step], size_last=False)
+                changed = bool(outcomes[-1].changed)
+                got = Runner(rendered(final, new_records.values()), info.key).run(samples)[index] if changed else want
+        except ModelSqueezeError as exc:
+            row.update(snr_db=None, top1_agreement=None, note=str(exc))
+        else:
+            fid = fidelity(got, want)
+            row.update(snr_db=float("inf") if fid["snr_db"] is None and fid["max_abs_error"] == 0 else fid["snr_db"],
+                       top1_agreement=fid["top1_agreement"], note="" if changed else "left as it was (int8 would not be smaller)")
+        rows.append(row)
+        if progress:
+            progress(1)
+    return sorted(rows, key=lambda r: (r["snr_db"] is None, r["snr_db"] if r["snr_db"] is not None else 0.0))

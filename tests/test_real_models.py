@@ -565,3 +565,25 @@ def test_by_default_tiny_tensors_of_a_big_model_are_left_alone(tmp_path, command
     # head is compressed now, or measured and kept because its record would not be smaller
     assert "head" in {t["name"] for t in every["tensors"]} or any(n.startswith("head: ") for n in every["notes"]), every
     assert not any("left alone by default" in note for note in every["notes"])
+
+
+# Class 7, at least: per-tensor output sensitivity, so a tensor int8 hurts most shows up first.
+def test_report_sensitivity_ranks_tensors_by_the_output_snr_int8_alone_gives(tmp_path):
+    rng = np.random.default_rng(0)
+    body = rng.standard_normal((1024, 128)).astype(np.float32)
+    head = rng.standard_normal((128, 1)).astype(np.float32)
+    source, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save_model(_with(HEAD, {"body": body, "head": head}), str(source))
+    np.savez(data, x=rng.standard_normal((64, 1024)).astype(np.float32))  # no labels needed
+    rows = ok("report", source, "--data", data, "--sensitivity")["output_sensitivity"]
+    snrs = [float("inf") if r["snr_db"] is None else r["snr_db"] for r in rows]  # JSON has no inf: identical
+    assert snrs == sorted(snrs) and {r["name"] for r in rows} == {"body", "head"}  # lowest SNR first
+    for row in rows:  # each figure is what quantizing that tensor alone and measuring the file gives
+        if row["note"]:  # left as it was: the output is the model's own
+            assert row["snr_db"] is None and "left as it was" in row["note"]
+            continue
+        out = tmp_path / f"{row['name']}.onnx"
+        ok("quantize", source, "-o", out, "--layers", row["name"], "--min-params", "0")
+        measured = ok("eval", out, "--data", data, "--reference", source, "--metric", "snr")["metric"]["value"]
+        assert row["snr_db"] == pytest.approx(measured, rel=1e-9), row
+    assert "--sensitivity needs --data" in refused("report", source, "--sensitivity")
