@@ -377,6 +377,17 @@ def pin_labels(model: onnx.ModelProto) -> None:
                 node.name = node_name(node, index)
 
 
+def unpin_labels(model: onnx.ModelProto) -> None:
+    """Undo `pin_labels` where the label needs no pinning: a node holding a subgraph whose name is
+    the label its place in the graph gives anyway goes back to unnamed (the file stays the
+    original's where the tool added nothing before it)."""
+    for _, graph in iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if node.name == f"{node.op_type}_{index}" and any(
+                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                node.ClearField("name")
+
+
 def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(sparse.values)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)

@@ -32,6 +32,7 @@ from modelsqueeze.model import (
     model_to_bytes,
     pin_labels,
     save_model,
+    unpin_labels,
 )
 from modelsqueeze.sidecar import Sidecar, read_sidecar, round_trip_record, sidecar_size, write_sidecar
 from modelsqueeze.tensor import FLOAT_DTYPES, CompressedTensor, share_arrays
@@ -247,6 +248,7 @@ def write_pair(
     check_not_read_from(model, out)  # first: an input's file is refused even with --force
     check_outputs(out, force, inputs)
     graph = rendered(model, records)
+    unpin_labels(graph)
     check_model(graph, out, full=True)
     binding = graph_hash(graph)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
@@ -331,6 +333,7 @@ def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:
         raise ModelSqueezeError(f"{out}: the output model must not end in {SIDECAR_SUFFIX}")
     check_not_read_from(pair.model, out)
     check_outputs(out, force, [Path(src)])
+    unpin_labels(pair.model)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         save_model(pair.model, Path(tmp) / out.name)
         install(Path(tmp), out)  # an older OUT.msq / OUT.onnx.data goes with the old model

@@ -587,3 +587,13 @@ def test_report_sensitivity_ranks_tensors_by_the_output_snr_int8_alone_gives(tmp
         measured = ok("eval", out, "--data", data, "--reference", source, "--metric", "snr")["metric"]["value"]
         assert row["snr_db"] == pytest.approx(measured, rel=1e-9), row
     assert "--sensitivity needs --data" in refused("report", source, "--sensitivity")
+
+
+def test_huffman_on_a_float_model_writes_no_bigger_file_and_no_sidecar(tmp_path):
+    """Class 12: nothing to code (no codebook or grid yet) leaves the model as it was, with notes."""
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save_model(branched_model(), str(source))
+    result = ok("huffman", source, "-o", out)
+    assert out.stat().st_size <= source.stat().st_size and not out.with_suffix(".msq").exists()
+    assert result["packed_bytes_after"] == out.stat().st_size
+    assert all("nothing to code" in n for n in result["notes"]), result["notes"]
