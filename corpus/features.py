@@ -9,7 +9,8 @@ Feature names (the vocabulary of models.toml):
   constant_weights  a Constant node (any graph level) holds a float tensor of >= 16 elements
   if_outer_scope    an If/Loop/Scan body reads a name defined outside it (an initializer or value)
   lstm, gru, rnn    the fused recurrent op is in the graph
-  unrolled_rnn      recurrent gates written out as MatMul + Sigmoid/Tanh + Split (Keras exporters)
+  unrolled_rnn      recurrent gates written out as MatMul/Gemm + Sigmoid/Tanh + Split (Keras exporters,
+                    PyTorch's export of an LSTMCell loop)
   depthwise_conv    a Conv with group == input channels > 1
   grouped_conv      a Conv with 1 < group < input channels
   attention         a Softmax fed (within a few hops) by MatMul/Einsum of two activations
@@ -135,8 +136,8 @@ def measure(path: str | Path) -> dict:
     for op, feat in (("LSTM", "lstm"), ("GRU", "gru"), ("RNN", "rnn"), ("DynamicQuantizeLSTM", "lstm")):
         if ops.get(op):
             features.add(feat)
-    if not features & {"lstm", "gru", "rnn"} and ops.get("MatMul", 0) >= 2 and ops.get("Sigmoid", 0) >= 3 \
-            and ops.get("Tanh", 0) >= 2 and ops.get("Split", 0) >= 1:
+    if not features & {"lstm", "gru", "rnn"} and ops.get("MatMul", 0) + ops.get("Gemm", 0) >= 2 \
+            and ops.get("Sigmoid", 0) >= 3 and ops.get("Tanh", 0) >= 2 and ops.get("Split", 0) >= 1:
         features.add("unrolled_rnn")
 
     # convolutions

@@ -167,6 +167,36 @@ def scene(rng: np.random.Generator, size: int = 416) -> np.ndarray:
     return np.clip(np.round(img), 0, 255).astype(np.float32)
 
 
+def colour_captcha(rng: np.random.Generator, height: int = 60, width: int = 160) -> np.ndarray:
+    """[3, height, width] BGR in 0-255 (whole numbers, a uint8 image fed as float, no scaling): a
+    light tinted gradient with speckle noise, 4-5 dark coloured jittered glyphs, two thin dark
+    interference lines and a few dots."""
+    yy, xx = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    tint = rng.uniform(200, 245, 3)
+    img = np.stack([t + 12 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0, 1))) * yy for t in tint])
+    img += rng.normal(0, 6, img.shape)
+    count = int(rng.integers(4, 6))
+    x = int(rng.integers(3, 10))
+    for ch in rng.choice(list(GLYPHS), count):
+        g = glyph(ch, int(rng.integers(5, 7)))
+        gh, gw = g.shape
+        if x + gw >= width:
+            break
+        y = int(rng.integers(0, max(1, height - gh)))
+        colour = rng.uniform(10, 110, 3)
+        for c in range(3):
+            img[c, y:y + gh, x:x + gw] = np.where(g > 0, colour[c], img[c, y:y + gh, x:x + gw])
+        x += gw + int(rng.integers(0, 5))
+    for _ in range(2):
+        y0, y1 = rng.integers(0, height, 2)
+        cols = np.arange(width)
+        rows = np.clip(np.round(y0 + (y1 - y0) * cols / (width - 1)).astype(int), 0, height - 1)
+        img[:, rows, cols] = rng.uniform(40, 140, 3)[:, None]
+    dots = rng.integers(0, [height, width], (40, 2))
+    img[:, dots[:, 0], dots[:, 1]] = rng.uniform(60, 180, (3, 1))
+    return np.clip(np.round(img), 0, 255).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- per-model inputs
 
 
@@ -308,6 +338,42 @@ SEED_AS = {"ddddocr_ocr_int8": "ddddocr_ocr"}  # the same images for the float a
 
 def ddddocr_det(rng, spec):
     return {"images": np.stack([scene(rng) for _ in range(4)])}
+
+
+# Lower-case Russian words (slovorez segments words one by one) and the package's char vocabulary
+# (config.json tokenizer_vocab): <PAD> 0, <UNK> 1, EOW 2, MASK 3, а-я with ё 4-36, 0-9 37-46, " " 47, "-" 48.
+RUSSIAN_WORDS = (
+    "переписывание подоконник безработный пароход учительница рассказывать земляника вода в дом "
+    "перезагрузка непобедимый самолёт разговаривать подснежник красивейший приморский выходить "
+    "железнодорожный переводчик бессмысленность улыбнуться воспитатель мороженое пятнадцать "
+    "кто-нибудь северо-запад пригородный отстраниваться сочинение незабудка переулок лесничество "
+    "умываться подземный разноцветный зайчонок обезболивающий 2024 чтение горячий программирование "
+    "дождь мышь объявление съёмка вьюга ёжик лётчица"
+).split()
+RUSSIAN_ALPHABET = "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"
+SLOVOREZ_VOCAB = {**{c: 4 + i for i, c in enumerate(RUSSIAN_ALPHABET)}, **{str(d): 37 + d for d in range(10)},
+                  " ": 47, "-": 48}
+
+
+def _gather_table_rows(model) -> int:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    return next(shapes[n.input[0]][0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in shapes)
+
+
+def slovorez_morph(rng, spec):
+    (name, dtype, _), = spec
+    words = [RUSSIAN_WORDS[i] for i in rng.permutation(len(RUSSIAN_WORDS))[:32]]
+    ids = [[SLOVOREZ_VOCAB.get(c, 1) for c in w] for w in words]
+    length = min(64, max(len(t) for t in ids))  # as slovorez pads a batch: to its longest word, at most maxlen 64
+    out = np.zeros((len(ids), length), dtype=dtype)
+    for i, t in enumerate(ids):
+        out[i, :len(t[:length])] = t[:length]
+    assert out.max() < _gather_table_rows(spec_model())  # 49
+    return {name: out}
+
+
+def captcha_crnn(rng, spec):
+    return {"image": np.stack([colour_captcha(rng) for _ in range(8)])}
 
 
 # ----------------------------------------------------------------------------- generic fallback
