@@ -865,7 +865,7 @@ def pipeline(
         steps.append(make_step("huffman", selection))
     if not steps:
         raise ModelSqueezeError("no steps: give at least one of --svd-energy/--svd-rank, --prune, --bits, --quantize, --huffman")
-    recipe = Recipe(tuple(steps), model, output, validate, max_drop)
+    recipe = Recipe(tuple(steps), model, output, validate, max_drop, metric=metric, min_snr=min_snr)
     if dry_run:
         print(dump_recipe(recipe, Path.cwd(), "modelsqueeze recipe (paths relative to this file's folder)"), end="")
         return
@@ -909,6 +909,8 @@ def run_recipe(
     max_drop = max_drop if max_drop is not None else recipe.max_drop
     if max_drop is not None and validate is None and recipe.max_drop is not None:
         raise ModelSqueezeError(f"{recipe_path}: `max_drop` needs `validate` (or --validate DATA.npz)")
+    metric = metric if metric is not None else recipe.metric
+    min_snr = min_snr if min_snr is not None else recipe.min_snr
     _transform(model, out_path, force, list(recipe.steps), "run", validate, max_drop, as_json, quiet, jobs, metric=metric, min_snr=min_snr)
 
 

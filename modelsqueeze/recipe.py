@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 SELECTION_KEYS = ("layers", "exclude", "min_params")
 PATH_OPTIONS = ("calibration",)  # step options naming files: relative to the recipe's folder
-TOP_KEYS = ("version", "input", "output", "validate", "max_drop", "step")
+TOP_KEYS = ("version", "input", "output", "validate", "max_drop", "metric", "min_snr", "step")
 
 
 class RecipeError(ModelSqueezeError):
@@ -88,8 +88,17 @@ class Recipe:
     validate: Path | None = None
     max_drop: float | None = None
     version: int = RECIPE_VERSION
+    metric: str | None = None  # what validate measures (top1 | agreement | snr[:OUTPUT]); None: top1
+    min_snr: float | None = None  # with metric snr: the floor, in dB
 
     def __post_init__(self) -> None:
+        if self.metric is not None:
+            from modelsqueeze.validate import Metric
+
+            Metric.parse(self.metric)
+        if self.min_snr is not None and (isinstance(self.min_snr, bool) or not isinstance(self.min_snr, (int, float))
+                                         or not math.isfinite(self.min_snr)):
+            raise ModelSqueezeError(f"--min-snr {self.min_snr}: expected a finite number of dB")
         # A recipe that could not be read back is refused before anything is written (pipeline
         # --dry-run and --save-recipe build one from flags).
         if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
@@ -320,6 +329,18 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
     if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))
                                  or not math.isfinite(max_drop) or max_drop < 0):
         raise fail(f"max_drop = {max_drop!r}: expected a number of percentage points, 0 or more", None, "max_drop")
+    metric, min_snr = data.get("metric"), data.get("min_snr")
+    if metric is not None:
+        if not isinstance(metric, str):
+            raise fail(f"metric = {metric!r}: expected a string such as \"agreement\" or \"snr:probabilities\"", None, "metric")
+        from modelsqueeze.validate import Metric
+
+        try:
+            Metric.parse(metric)
+        except ModelSqueezeError as exc:
+            raise fail(str(exc).replace("--metric", "metric ="), None, "metric") from None
+    if min_snr is not None and (isinstance(min_snr, bool) or not isinstance(min_snr, (int, float)) or not math.isfinite(min_snr)):
+        raise fail(f"min_snr = {min_snr!r}: expected a number of dB", None, "min_snr")
     raw_steps = data.get("step")
     if not raw_steps:
         raise fail("no steps: add at least one [[step]] table with command = \"prune\" (or cluster, quantize, svd, huffman)")
@@ -347,7 +368,8 @@ def parse_recipe(text: str, source: str = "<recipe>", base: Path = Path(".")) ->
             key = next((k for k in options if re.search(rf"\b{re.escape(_key(k))}\b|'{re.escape(k)}'|--{re.escape(k.replace('_', '-'))}\b", message)), None)
             raise fail(f"{label} ({command}): {message}", index, key) from None
     return Recipe(tuple(steps), paths.get("input"), paths.get("output"), paths.get("validate"),
-                  float(max_drop) if max_drop is not None else None, RECIPE_VERSION)
+                  float(max_drop) if max_drop is not None else None, RECIPE_VERSION, metric,
+                  float(min_snr) if min_snr is not None else None)
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of TOML; more is not one
@@ -421,6 +443,10 @@ def dump_recipe(recipe: Recipe, base: Path = Path("."), comment: str = "") -> st
             lines.append(f"{key} = {_toml_string(_relative(value, base))}")
     if recipe.max_drop is not None:
         lines.append(f"max_drop = {_toml_value(_number(recipe.max_drop))}")
+    if recipe.metric is not None:
+        lines.append(f"metric = {_toml_string(recipe.metric)}")
+    if recipe.min_snr is not None:
+        lines.append(f"min_snr = {_toml_value(_number(recipe.min_snr))}")
     for step in recipe.steps:
         lines += ["", "[[step]]", f"command = {_toml_string(step.command)}"]
         lines += [f"{key} = {_toml_value(_relative(value, base) if key in PATH_OPTIONS else value)}"

@@ -597,3 +597,21 @@ def test_huffman_on_a_float_model_writes_no_bigger_file_and_no_sidecar(tmp_path)
     assert out.stat().st_size <= source.stat().st_size and not out.with_suffix(".msq").exists()
     assert result["packed_bytes_after"] == out.stat().st_size
     assert all("nothing to code" in n for n in result["notes"]), result["notes"]
+
+
+def test_a_recipe_carries_the_metric_and_its_floor(tmp_path):
+    source, data = tmp_path / "vad.onnx", tmp_path / "d.npz"
+    onnx.save_model(vad_model(), str(source))
+    vad_data(data)
+    recipe = tmp_path / "r.toml"
+    ok("pipeline", source, "-o", tmp_path / "p.onnx", "--quantize", "8", "--validate", data, "--metric", "snr",
+       "--min-snr", "20", "--save-recipe", recipe)
+    text = recipe.read_text()
+    assert 'metric = "snr"' in text and "min_snr = 20" in text, text
+    ran = ok("run", recipe, "-o", tmp_path / "r.onnx")
+    assert ran["metric"] == "snr" and ran["snr_db_after"] > 20
+    recipe.write_text(text.replace("min_snr = 20", "min_snr = 90"))
+    result = invoke("run", recipe, "-o", tmp_path / "s.onnx", "--quiet")
+    assert result.exit_code == 1 and "below --min-snr 90 dB" in result.stderr and not (tmp_path / "s.onnx").exists()
+    recipe.write_text(text.replace('metric = "snr"', 'metric = "psnr"'))
+    assert "metric = 'psnr'" in refused("run", recipe, "-o", tmp_path / "t.onnx")
