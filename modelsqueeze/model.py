@@ -567,6 +567,47 @@ def _add(found: dict, name: str, path: str, source: str, proto) -> None:
     )
 
 
+def fixed_basis(info: WeightInfo) -> str:
+    """Why `info` looks like a fixed signal-processing basis rather than a learned weight ("" if it
+    does not): the weight of Conv or MatMul/Gemm nodes, at least 8 filters of at least 32 taps, nine in ten
+    of which hold 80% or more of their energy within two bins of one frequency, over at least half
+    as many distinct frequencies as filters (an STFT/CQT/DFT basis: windowed sinusoids). Learned
+    filters of that length spread their energy (at most 45% on the corpus models)."""
+    if info.role != "weight" or not info.consumers or len({(c.op, c.input_index) for c in info.consumers}) != 1 \
+            or info.consumers[0].op not in ("Conv", "MatMul", "Gemm"):
+        return ""  # (a basis may be shared: basic-pitch's CQT kernels feed one Conv per octave)
+    consumer, shape = info.consumers[0], info.shape
+    if len(shape) < 2 or info.n_params > 2**21:
+        return ""
+    if consumer.op == "Conv":
+        count, taps = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    elif consumer.op == "Gemm" and info.channel_axis == 0:  # transB: rows are the filters
+        count, taps = shape[0], shape[1]
+    else:  # x @ W: each output is a column
+        count, taps = shape[-1], shape[-2]
+    if count < 8 or taps < 32 or (consumer.op != "Conv" and len(shape) != 2):
+        return ""
+    array = info.array().astype(np.float64)
+    if not np.isfinite(array).all():
+        return ""  # NaN/Inf weights are left alone anyway (finite_only), with their own note
+    filters = array.reshape(count, taps) if consumer.op == "Conv" or (consumer.op == "Gemm" and info.channel_axis == 0) \
+        else array.T
+    power = np.abs(np.fft.rfft(filters, axis=1)) ** 2
+    total = power.sum(axis=1)
+    live = total > 0
+    if live.sum() < 8:
+        return ""
+    power, total = power[live], total[live]
+    peaks = power.argmax(axis=1)
+    padded = np.pad(power, ((0, 0), (2, 2)))
+    near = sum(padded[np.arange(len(peaks)), peaks + 2 + d] for d in range(-2, 3)) / total
+    if np.quantile(near, 0.1) < 0.8 or len(set(peaks.tolist())) < len(peaks) / 2:
+        return ""
+    return (f"a fixed signal-processing basis, not a learned weight: each of its {int(live.sum())} filters of "
+            f"{taps} taps is a windowed sinusoid ({np.quantile(near, 0.1):.0%} or more of the energy of nine in "
+            f"ten within two bins of one frequency, {len(set(peaks.tolist()))} distinct frequencies)")
+
+
 def select_weights(
     weights: Iterable[WeightInfo],
     layers: Iterable[str] = (),

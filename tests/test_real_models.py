@@ -615,3 +615,46 @@ def test_a_recipe_carries_the_metric_and_its_floor(tmp_path):
     assert result.exit_code == 1 and "below --min-snr 90 dB" in result.stderr and not (tmp_path / "s.onnx").exists()
     recipe.write_text(text.replace('metric = "snr"', 'metric = "psnr"'))
     assert "metric = 'psnr'" in refused("run", recipe, "-o", tmp_path / "t.onnx")
+
+
+# Class 7: a fixed basis (an STFT fed to a Conv on the raw signal) is not a learned weight.
+STFT = """
+<ir_version: 8, opset_import: ["" : 17]>
+vad (float[N, 1, 2048] wave) => (float[N, 2] y) {
+  spec = Conv<strides = [128]>(wave, basis)
+  p = Mul(spec, spec)
+  h = Conv<strides = [1]>(p, learned)
+  r = Relu(h)
+  g = GlobalAveragePool(r)
+  f = Flatten(g)
+  y = MatMul(f, head)
+}
+"""
+
+
+def stft_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    taps, bins = 256, 32
+    t = np.arange(taps)
+    window = np.hanning(taps)
+    basis = np.stack([window * np.cos(2 * np.pi * k * t / taps) for k in range(1, bins + 1)])[:, None, :]
+    return _with(STFT, {"basis": basis.astype(np.float32),
+                        "learned": (rng.standard_normal((64, bins, 33)) / 30).astype(np.float32),
+                        "head": rng.standard_normal((64, 2)).astype(np.float32)})
+
+
+def test_a_fixed_basis_is_left_alone_by_default_and_compressed_when_named(tmp_path):
+    from modelsqueeze.model import fixed_basis
+
+    model = stft_model()
+    found = {info.key: fixed_basis(info) for info in find_weights(model)}
+    assert found["basis"].startswith("a fixed signal-processing basis") and not found["learned"], found
+    source = tmp_path / "m.onnx"
+    onnx.save_model(model, str(source))
+    for command in (["quantize"], ["cluster", "--bits", "4"], ["prune", "--sparsity", "0.5"]):
+        result = ok(command[0], source, "-o", tmp_path / "a.onnx", "--force", *command[1:])
+        assert "basis" not in {t["name"] for t in result["tensors"]} and "learned" in {t["name"] for t in result["tensors"]}
+        assert any(n.startswith("basis: a fixed signal-processing basis") and "name it in --layers" in n
+                   for n in result["notes"]), result["notes"]
+        named = ok(command[0], source, "-o", tmp_path / "b.onnx", "--force", *command[1:], "--layers", "basis")
+        assert [t["name"] for t in named["tensors"]] == ["basis"]

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.model import WeightInfo, find_weights, select_weights
+from modelsqueeze.model import WeightInfo, find_weights, fixed_basis, select_weights
 from modelsqueeze.tensor import CompressedTensor
 
 
@@ -105,6 +105,11 @@ class Selection:
     def pick(self, model: onnx.ModelProto, notes: list[str] | None = None) -> list[WeightInfo]:
         every = find_weights(model)
         chosen = select_weights(every, self.layers, self.exclude, self.min_params or 0)
+        if not self.layers:  # a fixed basis (an STFT fed to a Conv) is compressed only when named
+            bases = {info.key: why for info in chosen if (why := fixed_basis(info))}
+            if bases and notes is not None:
+                notes.extend(f"{key}: {why}; left alone (name it in --layers to compress it)" for key, why in bases.items())
+            chosen = [info for info in chosen if info.key not in bases]
         if self.min_params is not None:
             return chosen
         total = sum(info.n_params for info in every)
