@@ -120,6 +120,21 @@ def glyph(ch: str, scale: int) -> np.ndarray:
     return np.kron(bits, np.ones((scale, scale)))
 
 
+def _glyph_row(rng: np.random.Generator, height: int, width: int, count: int, x: int,
+               sizes: tuple[int, int], gaps: tuple[int, int]):
+    """(top, left, bitmap) of up to `count` random glyphs set left to right from column `x` (scale
+    drawn from `sizes`, spacing from `gaps`), each at a random height, until the row is full. The
+    caller paints each one before the next is drawn (the random stream stays in that order)."""
+    for ch in rng.choice(list(GLYPHS), count):
+        g = glyph(ch, int(rng.integers(*sizes)))
+        gh, gw = g.shape
+        if x + gw >= width:
+            return
+        y = int(rng.integers(0, max(1, height - gh)))
+        yield y, x, g
+        x += gw + int(rng.integers(*gaps))
+
+
 def captcha(rng: np.random.Generator, height: int = 64, width: int = 160) -> np.ndarray:
     """A grayscale captcha in [0, 1]: light noisy gradient, 4-6 dark jittered glyphs, two lines."""
     yy, xx = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
@@ -127,15 +142,10 @@ def captcha(rng: np.random.Generator, height: int = 64, width: int = 160) -> np.
     img += rng.normal(0, 0.04, img.shape)
     count = int(rng.integers(4, 7))
     x = int(rng.integers(4, 14))
-    for ch in rng.choice(list(GLYPHS), count):
-        g = glyph(ch, int(rng.integers(5, 8)))
+    for y, x, g in _glyph_row(rng, height, width, count, x, (5, 8), (1, 6)):
         gh, gw = g.shape
-        if x + gw >= width:
-            break
-        y = int(rng.integers(0, max(1, height - gh)))
         region = img[y:y + gh, x:x + gw]
         img[y:y + gh, x:x + gw] = np.where(g > 0, rng.uniform(0.05, 0.35), region)
-        x += gw + int(rng.integers(1, 6))
     for _ in range(2):
         x0, x1 = 0, width - 1
         y0, y1 = rng.integers(0, height, 2)
@@ -177,16 +187,11 @@ def colour_captcha(rng: np.random.Generator, height: int = 60, width: int = 160)
     img += rng.normal(0, 6, img.shape)
     count = int(rng.integers(4, 6))
     x = int(rng.integers(3, 10))
-    for ch in rng.choice(list(GLYPHS), count):
-        g = glyph(ch, int(rng.integers(5, 7)))
+    for y, x, g in _glyph_row(rng, height, width, count, x, (5, 7), (0, 5)):
         gh, gw = g.shape
-        if x + gw >= width:
-            break
-        y = int(rng.integers(0, max(1, height - gh)))
         colour = rng.uniform(10, 110, 3)
         for c in range(3):
             img[c, y:y + gh, x:x + gw] = np.where(g > 0, colour[c], img[c, y:y + gh, x:x + gw])
-        x += gw + int(rng.integers(0, 5))
     for _ in range(2):
         y0, y1 = rng.integers(0, height, 2)
         cols = np.arange(width)
