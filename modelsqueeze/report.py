@@ -22,11 +22,13 @@ from modelsqueeze.model import (
     COMPRESSIBLE_ROLES,
     WeightInfo,
     find_weights,
+    fixed_basis,
     load_model,
     model_to_bytes,
     model_file_bytes,
 )
 from modelsqueeze.pack import Pair, skeleton
+from modelsqueeze.passes import AUTO_MIN_SHARE, Selection
 
 
 @dataclass
@@ -149,10 +151,17 @@ def entropy_bits(symbols: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def left_out_reason(info: WeightInfo, recorded: bool) -> str | None:
-    """Why the compression commands leave `info` alone by default, or None."""
-    if recorded or info.role in COMPRESSIBLE_ROLES:
+def left_out_reason(info: WeightInfo, recorded: bool, picked: bool = True) -> str | None:
+    """Why the compression commands leave `info` alone by default, or None (`picked`: whether the
+    default selection takes it: fixed bases and tiny tensors are weights it does not take)."""
+    if recorded:
         return None
+    if info.role in COMPRESSIBLE_ROLES:
+        if picked:
+            return None
+        if fixed_basis(info):
+            return "a fixed signal-processing basis (windowed sinusoids); --layers NAME compresses it"
+        return f"tiny ({info.n_params:,} parameters, under {AUTO_MIN_SHARE:.1%} of the model); --min-params 0 compresses it"
     if not info.consumers:
         return "read by no node"
     if info.role in ("bias", "norm"):
@@ -164,6 +173,7 @@ def tensor_rows(pair: Pair) -> list[TensorRow]:
     records = pair.records
     record_bytes = pair.sidecar.record_bytes if pair.sidecar else {}
     rows = []
+    picked = {info.key for info in Selection().pick(pair.model)}
     for info in find_weights(pair.model):
         array = info.array()
         record = records.get(info.key)
@@ -187,7 +197,7 @@ def tensor_rows(pair: Pair) -> list[TensorRow]:
                 sparsity=float(np.count_nonzero(array == 0) / array.size) if array.size else 0.0,
                 unique_values=int(np.unique(array).size), original_bytes=int(array.nbytes), stored_bytes=int(stored),
                 index_bits_stored=codes_stored, index_entropy_bits=codes_entropy,
-                left_out=left_out_reason(info, record is not None),
+                left_out=left_out_reason(info, record is not None, info.key in picked),
             )
         )
     return rows

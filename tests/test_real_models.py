@@ -658,3 +658,18 @@ def test_a_fixed_basis_is_left_alone_by_default_and_compressed_when_named(tmp_pa
                    for n in result["notes"]), result["notes"]
         named = ok(command[0], source, "-o", tmp_path / "b.onnx", "--force", *command[1:], "--layers", "basis")
         assert [t["name"] for t in named["tensors"]] == ["basis"]
+
+
+def test_report_lists_fixed_bases_and_tiny_tensors_among_those_left_out_by_default(tmp_path):
+    rng = np.random.default_rng(0)
+    for model, name, reason in ((stft_model(), "basis", "a fixed signal-processing basis"),
+                                (_with(HEAD, {"body": rng.standard_normal((1024, 128)).astype(np.float32),
+                                              "head": rng.standard_normal((128, 1)).astype(np.float32)}),
+                                 "head", "tiny (128 parameters, under 0.1% of the model); --min-params 0")):
+        source = tmp_path / f"{name}.onnx"
+        onnx.save_model(model, str(source))
+        left = {row["name"]: row["reason"] for row in ok("report", source)["left_out"]}
+        assert left.get(name, "").startswith(reason), left
+    # once compressed (it has a record), it is no longer listed
+    ok("quantize", tmp_path / "basis.onnx", "-o", tmp_path / "q.onnx", "--layers", "basis")
+    assert "basis" not in {row["name"] for row in ok("report", tmp_path / "q.onnx")["left_out"]}
