@@ -18,6 +18,7 @@ Writes benchmarks/results/real_models.json and real_models.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -71,11 +72,12 @@ def _fidelity(out: Path, original: Path, data: Path) -> dict:
             "top1_agreement": result["fidelity"]["top1_agreement"], "min_snr_db": min(snrs) if snrs else None}
 
 
-def _float_outputs(path: Path) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _float_outputs(path: Path) -> frozenset[str]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return {o.name for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")}
+    return frozenset(o.name for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)"))
 
 
 def _ours(model: Path, data: Path, args: list, work: Path) -> dict:

@@ -26,7 +26,7 @@ from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights, model_file_bytes
 from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, check_outputs, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
                                unpack as unpack_pair, write_pair)
-from modelsqueeze.passes import Selection, parallel, watching
+from modelsqueeze.passes import parallel, watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
 from modelsqueeze.report import build_report, check_thresholds, load_previous, markdown, parse_growth, rich_table, summary_table
@@ -41,6 +41,7 @@ from modelsqueeze.validate import (
     headline_output,
     label_key,
     load_npz,
+    metric_value,
     parse_batch_axes,
     parse_dims,
     random_inputs,
@@ -302,12 +303,8 @@ def eval_command(
                 raise ModelSqueezeError(f"--metric top1 needs labels: {data or 'random inputs'} has no `{label_key()}`")
             value = accuracy(outputs[index], labels, source)
         else:
-            fid = fidelity(outputs[index], ref_outputs[index])
-            value = fid["top1_agreement"] if gauge.kind == "agreement" else (
-                fid["snr_db"] if fid["snr_db"] is not None else float("inf") if fid["max_abs_error"] == 0 else None)
-            if value is None:
-                raise ModelSqueezeError(f"--metric {gauge.text}: undefined for output {runner.output_names[index]!r} "
-                                        f"({'no class axis' if gauge.kind == 'agreement' else 'all-zero reference'})")
+            value = metric_value(gauge, fidelity(outputs[index], ref_outputs[index]), runner.output_names[index],
+                                 outputs[index].shape)
         result["metric"] = {"metric": gauge.text, "output": runner.output_names[index], "value": value}
     if as_json:
         _print_json(result)
@@ -391,11 +388,11 @@ def report(
     if data is not None:
         arrays = load_npz(data)
         if sensitivity:
-            from modelsqueeze.sensitivity import output_sensitivity
+            from modelsqueeze.sensitivity import output_sensitivity, sensitivity_infos
 
-            n = len(Selection(min_params=0).pick(pair.model))
-            with progress_bar(f"int8 one tensor at a time: {model.name}", n, quiet) as advance:
-                rows = output_sensitivity(pair.model, pair.records, arrays, str(data), advance)
+            infos = sensitivity_infos(pair.model)
+            with progress_bar(f"int8 one tensor at a time: {model.name}", len(infos), quiet) as advance:
+                rows = output_sensitivity(pair.model, pair.records, arrays, str(data), advance, infos)
     if data is not None and (not sensitivity or label_key() in arrays or max_drop is not None):
         result.accuracy = _labelled_accuracy(pair.runnable(), str(model), arrays, str(data), quiet)
         if baseline is not None:

@@ -482,8 +482,15 @@ def _next_saving(configs: _Configurations, current: tuple[int, ...], i: int, cur
 
 # --- per-tensor output sensitivity -----------------------------------------------------------
 
+def sensitivity_infos(model: onnx.ModelProto) -> list[WeightInfo]:
+    """The tensors `output_sensitivity` measures: every layer weight, tiny ones and fixed bases
+    included (those are what it is there to show)."""
+    return Selection(layers=("*",), min_params=0).pick(model)
+
+
 def output_sensitivity(model: onnx.ModelProto, records: Mapping[str, CompressedTensor], arrays: Mapping[str, np.ndarray],
-                       source: str = "data", progress: Progress | None = None) -> list[dict]:
+                       source: str = "data", progress: Progress | None = None,
+                       infos: list[WeightInfo] | None = None) -> list[dict]:
     """Per compressible tensor: the output SNR and top-1 agreement of the model with that tensor
     alone quantized the default way (int8 per channel), against the model as it is. Fixed bases
     (an STFT basis fed to a Conv) and sensitive heads are what show up first; ordered by SNR."""
@@ -495,7 +502,7 @@ def output_sensitivity(model: onnx.ModelProto, records: Mapping[str, CompressedT
     index = headline_output(runner)
     want = runner.run(samples)[index]
     rows = []
-    for info in Selection(min_params=0).pick(model):
+    for info in sensitivity_infos(model) if infos is None else infos:
         step = make_step("quantize", {"layers": [exact_glob(info.key)], "min_params": 0})
         row = {"name": info.key, "params": info.n_params, "output": runner.output_names[index]}
         try:

@@ -8,7 +8,7 @@ import zipfile
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -52,7 +52,7 @@ class DataOptions:
     array is fed whole to every batch), overriding what the model's dims say; `labels` names the
     label array (default `y`)."""
 
-    batch_axes: Mapping[str, int | None] = None  # type: ignore[assignment]
+    batch_axes: Mapping[str, int | None] = field(default_factory=dict)
     labels: str | None = None
 
     @property
@@ -60,7 +60,7 @@ class DataOptions:
         return self.labels or "y"
 
 
-_options: ContextVar[DataOptions] = ContextVar("modelsqueeze_data_options", default=DataOptions({}, None))
+_options: ContextVar[DataOptions] = ContextVar("modelsqueeze_data_options", default=DataOptions())
 _listener: ContextVar[Callable[[str], None] | None] = ContextVar("modelsqueeze_data_notes", default=None)
 
 
@@ -143,7 +143,7 @@ def sample_axes(specs: list["InputSpec"], feeds: Mapping[str, np.ndarray], label
     ([2, batch, 128] state) is sampled along it; a dynamic leading dim is the sample axis; an input
     of fixed shape whose data has exactly that shape, while the others have another number of
     samples, is fed whole. --batch-axis INPUT=AXIS overrides."""
-    given = _options.get().batch_axes or {}
+    given = _options.get().batch_axes
     unknown = sorted(set(given) - {spec.name for spec in specs})
     if unknown:
         raise ModelSqueezeError(f"--batch-axis {unknown[0]}: the model has no input of that name "
@@ -386,10 +386,15 @@ def top1_accuracy(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], labe
     runner = Runner(model, label)
     samples = split_data(arrays, runner, source)
     if samples.labels is None:
-        others = sorted(set(arrays) - set(samples.feeds) - {"x"})
-        hint = f" (other arrays: {', '.join(others)}; --labels KEY names the label array)" if others else ""
-        raise ModelSqueezeError(f"{source}: no `{_options.get().label_key}` labels, so no accuracy{hint}")
+        raise ModelSqueezeError(_no_labels(arrays, samples, source))
     return accuracy(runner.run(samples, progress)[0], samples.labels, source)
+
+
+def _no_labels(arrays: Mapping[str, np.ndarray], samples: Samples, source: str) -> str:
+    """The message for data without its label array, naming the arrays that could be it."""
+    others = sorted(set(arrays) - set(samples.feeds) - {"x"})
+    hint = f" (other arrays: {', '.join(others)}; --labels KEY names the label array)" if others else ""
+    return f"{source}: no `{label_key()}` labels, so no accuracy{hint}"
 
 
 METRICS = ("top1", "agreement", "snr")
@@ -458,28 +463,31 @@ class Scorer:
         self.evaluations += 1
         if self.metric.kind == "top1":
             if samples.labels is None:
-                others = sorted(set(self.arrays) - set(samples.feeds) - {"x"})
-                hint = f" (other arrays: {', '.join(others)}; --labels KEY names the label array)" if others else ""
-                raise ModelSqueezeError(f"{self.source}: no `{label_key()}` labels, so no accuracy{hint}; "
-                                        f"--metric agreement or snr needs none")
+                raise ModelSqueezeError(_no_labels(self.arrays, samples, self.source) + "; --metric agreement or snr needs none")
             return accuracy(runner.run(samples, progress)[index], samples.labels, self.source)
         if self.reference is None:
             raise ModelSqueezeError(f"--metric {self.metric.text} needs a reference model")
-        if names not in self._reference_outputs:
-            self._reference_outputs[names] = Runner(self.reference, "reference").run(samples)
-        got, want = runner.run(samples, progress)[index], self._reference_outputs[names][index]
-        fid = fidelity(got, want)
-        name = runner.output_names[index]
-        if self.metric.kind == "agreement":
-            if fid["top1_agreement"] is None:
-                raise ModelSqueezeError(f"--metric agreement: output {name!r} {tuple(got.shape)} has no class axis "
-                                        f"(one score per sample); use --metric snr")
-            return fid["top1_agreement"]
-        if fid["snr_db"] is None:
-            if fid["max_abs_error"] == 0:
-                return float("inf")
-            raise ModelSqueezeError(f"--metric snr: the reference's output {name!r} is all zeros; its SNR is undefined")
-        return fid["snr_db"]
+        if names not in self._reference_outputs:  # the reference itself is run once, not twice
+            self._reference_outputs[names] = (runner if graph is self.reference else Runner(self.reference, "reference")).run(
+                samples, progress if graph is self.reference else None)
+        want = self._reference_outputs[names][index]
+        got = want if graph is self.reference else runner.run(samples, progress)[index]
+        return metric_value(self.metric, fidelity(got, want), runner.output_names[index], got.shape)
+
+
+def metric_value(metric: Metric, fid: dict, name: str, shape: tuple[int, ...]) -> float:
+    """The agreement or SNR figure of `fidelity(...)` result `fid` (inf: identical outputs), or one
+    error line where it is undefined for output `name`."""
+    if metric.kind == "agreement":
+        if fid["top1_agreement"] is None:
+            raise ModelSqueezeError(f"--metric agreement: output {name!r} {tuple(shape)} has no class axis "
+                                    f"(one score per sample); use --metric snr")
+        return fid["top1_agreement"]
+    if fid["snr_db"] is None:
+        if fid["max_abs_error"] == 0:
+            return float("inf")
+        raise ModelSqueezeError(f"--metric snr: the reference's output {name!r} is all zeros; its SNR is undefined")
+    return fid["snr_db"]
 
 
 def predictions(output: np.ndarray, label_shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.model import WeightInfo, find_weights, fixed_basis, select_weights
+from modelsqueeze.model import COMPRESSIBLE_ROLES, WeightInfo, find_weights, fixed_basis, iter_graphs, select_weights
 from modelsqueeze.tensor import CompressedTensor
 
 
@@ -135,8 +135,6 @@ class Selection:
 def nothing_selected(model: onnx.ModelProto) -> ModelSqueezeError:
     """The error for an empty selection, saying why when the model has no float weights at all
     (already quantized: its weights are integers read by DequantizeLinear)."""
-    from modelsqueeze.model import COMPRESSIBLE_ROLES, iter_graphs
-
     if not [w for w in find_weights(model) if w.role in COMPRESSIBLE_ROLES]:
         dequantized = sum(n.op_type in ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearConv",
                                         "QLinearMatMul", "ConvInteger", "MatMulNBits")

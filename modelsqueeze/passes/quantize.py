@@ -14,7 +14,7 @@ from onnx import helper, version_converter
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.forms import opset
 from modelsqueeze.kernels import quant
-from modelsqueeze.model import WeightInfo, check_model, iter_graphs
+from modelsqueeze.model import WeightInfo, check_model, find_weights, iter_graphs
 from modelsqueeze.pack import put_record
 from modelsqueeze.passes import LayerRule, PassResult, Selection, finite_only, track
 from modelsqueeze.passes.calibration import Calibrator
@@ -195,8 +195,8 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
     if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
-        finite = {info.key for info in selected}
-        selected = [info for info in config.selection.pick(out) if info.key in finite]
+        finite = {info.key for info in selected}  # the same tensors, read from the upgraded graph
+        selected = [info for info in find_weights(out) if info.key in finite]
     new_records = dict(records)
     changed = []
     for info in track(selected):
