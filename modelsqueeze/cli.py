@@ -25,7 +25,7 @@ from modelsqueeze import __version__
 from modelsqueeze.errors import CheckFailed, ModelSqueezeError
 from modelsqueeze.model import atomic_write_bytes, check_output, find_weights, model_file_bytes
 from modelsqueeze.pack import (SIDECAR_SUFFIX, check_not_read_from, check_outputs, load_pair, packed_size, rendered, sidecar_path, skeleton_size,
-                               unpack as unpack_pair, write_pair)
+                               unpack as unpack_pair, write_pack, write_pair)
 from modelsqueeze.passes import parallel, watching
 from modelsqueeze.pipeline import run_steps
 from modelsqueeze.recipe import Recipe, Step, dump_recipe, load_recipe, make_step, step_options
@@ -479,6 +479,7 @@ def _transform(
     before = {w.key: w for w in find_weights(pair.model)}
     before_rows = {key: (list(w.shape), _zero_fraction(w.array())) for key, w in before.items()}
     before_size = packed_size(pair)
+    runnable_before = model_file_bytes(pair.path) if pair.runs else None
     inputs = {"model": pair.model, "records": pair.records}
     del pair, before
     with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor), \
@@ -509,6 +510,8 @@ def _transform(
         packed_bytes_before=before_size,
         packed_bytes_after=(skeleton_size(final, records.values()) + sidecar_path(output).stat().st_size
                             if records else model_file_bytes(output)),
+        runnable_bytes_before=runnable_before, runnable_bytes_after=model_file_bytes(output),
+        sidecar_bytes=sidecar_path(output).stat().st_size if records else 0,
     )
     if not records:
         summary["sidecar"] = None
@@ -594,7 +597,12 @@ def _print_step(summary: dict, quiet: bool) -> None:
                           f"{summary['packed_bytes_before'] / row['packed_bytes']:.2f}x", accuracy)
         out.print(steps)
     before, after = summary["packed_bytes_before"], summary["packed_bytes_after"]
-    out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x), skeleton + sidecar", highlight=False)
+    runs_before, runs_after = summary["runnable_bytes_before"], summary["runnable_bytes_after"]
+    change = f"{runs_before:,} B → {runs_after:,} B ({runs_before / runs_after:.2f}x)" if runs_before else f"{runs_after:,} B"
+    side = f", sidecar {summary['sidecar_bytes']:,} B" if summary["sidecar_bytes"] else ""
+    out.print(f"runnable {summary['output']} (runs as it is) {change}{side}", highlight=False)
+    out.print(f"packed size {before:,} B → {after:,} B ({before / after:.2f}x): skeleton + sidecar, "
+              f"the bytes `modelsqueeze pack` writes", highlight=False)
     if "accuracy_before" in summary:
         what = "accuracy" if summary["metric"].startswith("top1") else f"top-1 agreement ({summary['metric']})"
         out.print(f"{what} {100 * summary['accuracy_before']:.2f}% → {100 * summary['accuracy_after']:.2f}% "
@@ -923,6 +931,34 @@ def unpack(
     path = unpack_pair(model, output, force)
     if not quiet:
         err.print(f"wrote {path}", markup=False, highlight=False)
+
+
+@app.command(epilog="Example:  modelsqueeze pack small.onnx -o ship/small.onnx   (writes ship/small.onnx + ship/small.msq)")
+@handles_errors
+def pack(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the pack's skeleton; its sidecar goes beside it (.msq).", show_default=False)],
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the shipping artifact, skeleton + sidecar: its bytes are every printed "packed" size.
+
+    The skeleton is the graph without the weights the sidecar holds (and without their decoding
+    nodes): the smallest tier. `modelsqueeze unpack` (or any command) reads the pack back; the
+    compressed OUT.onnx runs in onnxruntime as it is."""
+    pair = load_pair(model)
+    files = write_pack(pair, output, force)
+    sizes = {str(path): path.stat().st_size for path in files}
+    total = sum(sizes.values())
+    if as_json:
+        out.print_json(json.dumps({"files": sizes, "packed_bytes": total}))
+    elif not quiet:
+        if len(files) > 1:
+            line = " + ".join(f"{path} {size:,} B" for path, size in sizes.items()) + f" = {total:,} B"
+        else:
+            line = f"{files[0]} {total:,} B (no sidecar: the model file itself is the pack)"
+        err.print(f"wrote {line}", markup=False, highlight=False)
 
 
 from modelsqueeze import cli_sensitivity  # noqa: E402,F401  (registers the sensitivity command)

@@ -1,13 +1,15 @@
 """The output pair: render a model's compressed records into OUT.onnx + OUT.msq, read a pair back
 as a logical model (every weight a dense initializer holding its decoded value), unpack it.
 
-The skeleton is OUT.onnx with every sidecar-backed initializer deleted; `load_pair` accepts either.
+The pack (`write_pack`) is the skeleton, the logical graph with every sidecar-backed initializer
+deleted, beside the same sidecar bound to it; `load_pair` reads either the pair or the pack.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import onnx
 
 from modelsqueeze import forms, store
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.files import memory_bytes
+from modelsqueeze.files import memory_bytes, open_input
 from modelsqueeze.model import (
     _umask,
     check_model,
@@ -34,7 +36,7 @@ from modelsqueeze.model import (
     save_model,
     unpin_labels,
 )
-from modelsqueeze.sidecar import Sidecar, read_sidecar, round_trip_record, sidecar_size, write_sidecar
+from modelsqueeze.sidecar import Sidecar, read_sidecar, rebind_sidecar, round_trip_record, sidecar_size, write_sidecar
 from modelsqueeze.tensor import FLOAT_DTYPES, CompressedTensor, share_arrays
 
 SIDECAR_SUFFIX = ".msq"
@@ -55,6 +57,7 @@ class Pair:
     model: onnx.ModelProto
     sidecar: Sidecar | None = None
     sidecar_path: Path | None = None
+    runs: bool = True  # the file runs on its own (False: a pack's skeleton, which needs its sidecar)
 
     @property
     def records(self) -> dict[str, CompressedTensor]:
@@ -107,7 +110,8 @@ def rendered(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
 
 
 def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onnx.ModelProto:
-    """The rendered model with every sidecar-backed initializer deleted (what `unpack` starts from)."""
+    """The logical `model` with every sidecar-backed initializer deleted, labels unpinned as in
+    any file this tool writes: the graph of the pack (`write_pack`), and of every packed size."""
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     for record in records:
@@ -115,16 +119,21 @@ def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
         owned = forms.owned_initializers(graph, name)
         for dense in [t for t in graph.initializer if t.name in owned]:
             graph.initializer.remove(dense)
+    unpin_labels(bare)
     return bare
+
+
+def _holds_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
 
 
 def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> int:
     """len(model_to_bytes(skeleton(model, records))), without copying or resolving the model:
     protobuf sizes are computed (ByteSize), the deleted initializers' entries subtracted and each
-    stub counted at the size its data gives it. Records inside subgraphs fall back to building
-    the skeleton."""
+    stub counted at the size its data gives it. Graphs with subgraphs (records inside them, labels
+    to unpin) fall back to building the skeleton."""
     names = [record.name for record in records]
-    if any(_graph_for_key(model, name)[0] is not model.graph for name in names) or store.has_stubs_below(model.graph):
+    if _holds_subgraphs(model.graph) or store.has_stubs_below(model.graph):
         return len(model_to_bytes(skeleton(model, records)))
     graph = model.graph
     owned = forms.owned_initializers(graph, *names)
@@ -177,6 +186,38 @@ def round_trip(
             record_bytes[name] = size
     render(graph, decoded.values(), dense=True)  # the copy becomes the logical model
     return graph, decoded
+
+
+def write_pack(pair: Pair, out: str | Path, force: bool = False) -> list[Path]:
+    """Write the shipping artifact of `pair`: the skeleton OUT.onnx (the logical graph with every
+    sidecar-backed initializer deleted) and the sidecar OUT.msq, copied byte for byte but bound to
+    the skeleton. Their bytes are `packed_size(pair)`: the figure every report prints. A model with
+    no sidecar is its own artifact, and is copied as it is. Returns the files written."""
+    out = Path(out)
+    side = sidecar_path(out)
+    if out.suffix == SIDECAR_SUFFIX:
+        raise ModelSqueezeError(f"{out}: the pack's model must not end in {SIDECAR_SUFFIX}")
+    check_not_read_from(pair.model, out)
+    inputs = [pair.path] + ([pair.sidecar_path] if pair.sidecar_path else [])
+    check_outputs(out, force, inputs)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
+        if pair.sidecar is None:
+            if model_file_bytes(pair.path) != pair.path.stat().st_size:
+                raise ModelSqueezeError(f"{pair.path}: keeps its weights in external data files and has no "
+                                        "sidecar: it is its own shipping artifact, nothing to pack")
+            with open_input(pair.path, "an .onnx file") as source, open(staged, "wb") as copy:
+                shutil.copyfileobj(source, copy)
+            os.chmod(staged, 0o666 & ~_umask())
+        else:
+            bare = skeleton(pair.model, pair.records.values())
+            save_model(bare, staged)
+            with open(staged_side, "wb") as handle:
+                rebind_sidecar(pair.sidecar_path, handle, graph_hash(bare))
+            os.chmod(staged_side, 0o666 & ~_umask())
+            load_pair(staged)  # what ships must load: the binding, every record against its graph
+        install(Path(tmp), out)
+    return [out, side] if pair.sidecar is not None else [out]
 
 
 def check_not_read_from(model: onnx.ModelProto, out: str | Path) -> None:
@@ -294,7 +335,7 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
     render(model, car.records.values(), dense=True)
     if not complete:
         check_model(model, path)
-    return Pair(path=path, model=model, sidecar=car, sidecar_path=side)
+    return Pair(path=path, model=model, sidecar=car, sidecar_path=side, runs=complete)
 
 
 # No tensor this tool loads is larger; a record claiming more is corrupt or hostile, and is refused

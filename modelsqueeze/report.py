@@ -23,11 +23,13 @@ from modelsqueeze.model import (
     WeightInfo,
     find_weights,
     fixed_basis,
+    graph_hash,
     load_model,
     model_to_bytes,
     model_file_bytes,
 )
 from modelsqueeze.pack import Pair, skeleton
+from modelsqueeze.sidecar import HEADER_BYTES, rebound
 from modelsqueeze.passes import AUTO_MIN_SHARE, Selection
 
 
@@ -69,8 +71,11 @@ class Report:
     tensors: list[TensorRow]
     onnx_bytes: int  # the graph file as written (plus any external data files)
     sidecar_bytes: int
-    packed_bytes: int  # skeleton + sidecar: what a user ships
-    gzip_bytes: int  # gzip -9 of what a user ships, to compare with other tools' figures
+    packed_bytes: int  # skeleton + sidecar: the bytes `modelsqueeze pack` writes
+    gzip_bytes: int  # gzip -9 of each file of the pack, to compare with other tools' figures
+    skeleton_bytes: int = 0  # the pack's graph file (the model file itself when there is no sidecar)
+    runnable_gzip_bytes: int = 0  # gzip -9 of the model file (what zip-based app bundles give)
+    runs: bool = True  # the model file runs on its own (False: it is a pack's skeleton)
     baseline: str | None = None
     baseline_bytes: int | None = None
     baseline_gzip_bytes: int | None = None
@@ -207,18 +212,23 @@ def build_report(pair: Pair, baseline: Path | None = None) -> Report:
     """Sizes of `pair` (and of `baseline`, when given). Accuracy is filled in by the caller."""
     records = list(pair.records.values())
     side_bytes = pair.sidecar_path.stat().st_size if pair.sidecar_path else 0
+    runnable = read_input(pair.path, "an .onnx file")
+    runnable_gz = _gzip_size(runnable)
     if pair.sidecar:
-        bare = model_to_bytes(skeleton(pair.model, records))
+        # The pack as `write_pack` writes it: the skeleton, and the sidecar bound to it.
+        model = skeleton(pair.model, records)
+        bare = model_to_bytes(model)
         side_data = read_input(pair.sidecar_path, "a sidecar file")
+        side_data = rebound(side_data[:HEADER_BYTES], graph_hash(model), str(pair.sidecar_path)) + side_data[HEADER_BYTES:]
         packed, gz = len(bare) + side_bytes, _gzip_size(bare, side_data)
-        onnx_bytes = pair.path.stat().st_size
+        onnx_bytes = len(runnable)
     else:
         onnx_bytes = model_file_bytes(pair.path)
-        packed, gz = onnx_bytes, _gzip_size(read_input(pair.path, "an .onnx file"))
+        packed, gz = onnx_bytes, runnable_gz
     report = Report(
         model=str(pair.path), sidecar=str(pair.sidecar_path) if pair.sidecar_path else None,
         tensors=tensor_rows(pair), onnx_bytes=onnx_bytes, sidecar_bytes=side_bytes,
-        packed_bytes=packed, gzip_bytes=gz,
+        packed_bytes=packed, gzip_bytes=gz, skeleton_bytes=packed - side_bytes, runnable_gzip_bytes=runnable_gz, runs=pair.runs,
     )
     if baseline is not None:
         load_model(baseline)  # a bad baseline is reported like any bad model
@@ -311,10 +321,16 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def _summary_lines(report: Report) -> list[tuple[str, str]]:
-    lines = [("ONNX file", f"{_fmt_bytes(report.onnx_bytes)} B")]
+    if report.runs:
+        lines = [("runnable (the .onnx alone)", f"{_fmt_bytes(report.onnx_bytes)} B (gzip -9: {_fmt_bytes(report.runnable_gzip_bytes)} B)")]
+    else:
+        lines = [("model file: a pack's skeleton", f"{_fmt_bytes(report.onnx_bytes)} B (runs once unpacked: `modelsqueeze unpack`)")]
     if report.sidecar:
         lines.append(("sidecar", f"{_fmt_bytes(report.sidecar_bytes)} B"))
-    lines.append(("packed (skeleton + sidecar)", f"{_fmt_bytes(report.packed_bytes)} B"))
+        lines.append(("packed (`modelsqueeze pack`)", f"{_fmt_bytes(report.packed_bytes)} B: skeleton "
+                                                      f"{_fmt_bytes(report.skeleton_bytes)} B + sidecar"))
+    else:
+        lines.append(("packed (`modelsqueeze pack`)", f"{_fmt_bytes(report.packed_bytes)} B: the model file itself"))
     lines.append(("gzip -9 of packed", f"{_fmt_bytes(report.gzip_bytes)} B"))
     if report.baseline:
         lines.append(("baseline", f"{_fmt_bytes(report.baseline_bytes)} B ({report.baseline})"))

@@ -206,6 +206,30 @@ def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_h
     return sizes
 
 
+def rebound(header: bytes | memoryview, graph_hash: bytes, source: str = "<sidecar>") -> bytes:
+    """The 64-byte sidecar `header` bound to another graph: its hash and checksum replaced."""
+    _, _, record_count, file_size, _, reserved, crc = _HEADER.unpack(bytes(header[:HEADER_BYTES]))
+    if zlib.crc32(bytes(header[: HEADER_BYTES - 4])) != crc or reserved:
+        raise SidecarError(f"{source}: header checksum mismatch (file is corrupt)")
+    bound = _HEADER.pack(MAGIC, VERSION, record_count, file_size, bytes(graph_hash), 0, 0)[:-4]
+    return bound + struct.pack("<I", zlib.crc32(bound))
+
+
+def rebind_sidecar(path: str | Path, handle: BinaryIO, graph_hash: bytes) -> int:
+    """Copy the sidecar at `path` to `handle` bound to another graph (`graph_hash`): the header's
+    hash and checksum change, every record is copied byte for byte. Returns the bytes written
+    (the source's size: a rebound sidecar is exactly as big)."""
+    if not isinstance(graph_hash, (bytes, bytearray)) or len(graph_hash) != GRAPH_HASH_BYTES:
+        raise SidecarError(f"the graph hash must be {GRAPH_HASH_BYTES} bytes (a SHA-256 digest)")
+    with open_input(path, "a sidecar file") as source:
+        data = _FileBytes(source)
+        _, file_size, _ = _check_header(data, str(path))
+        handle.write(rebound(data[:HEADER_BYTES], graph_hash, str(path)))
+        for start in range(HEADER_BYTES, file_size, _CRC_CHUNK_BYTES):
+            handle.write(data[start : min(start + _CRC_CHUNK_BYTES, file_size)])
+    return file_size
+
+
 def sidecar_size(records: Sequence[CompressedTensor], record_bytes: Mapping[str, int] | None = None) -> int:
     """len(encode_sidecar(records, ...)), without building it (`record_bytes`: each record's
     bytes where already known, e.g. from `round_trip_record`)."""

@@ -228,3 +228,34 @@ def test_command(model_id, command, tmp_path):
     grown = [(t["name"], was[t["name"]], t["stored_bytes"]) for t in report["tensors"]
              if t["name"] in was and t["stored_bytes"] > was[t["name"]]]
     assert not grown, f"tensors stored bigger than in the original model: {grown[:5]}"
+
+    # ... and the packed size it reports is the bytes `pack` writes, which unpack to the weights
+    # OUT.onnx unpacks to
+    ship = tmp_path / "ship" / "SHIP.onnx"
+    ship.parent.mkdir()
+    packed = invoke("pack", out, "-o", ship, "--json", "--quiet")
+    assert packed.exit_code == 0, packed.output + packed.stderr
+    written = sum(p.stat().st_size for p in ship.parent.iterdir())
+    assert json.loads(packed.stdout)["packed_bytes"] == written == report["packed_bytes"]
+    record["pack_bytes"] = written
+    if out.with_suffix(".msq").exists():
+        direct, unpacked = tmp_path / "direct.onnx", tmp_path / "unpacked.onnx"
+        assert invoke("unpack", out, "-o", direct).exit_code == 0
+        assert invoke("unpack", ship, "-o", unpacked).exit_code == 0
+        assert _weights(direct) == _weights(unpacked)
+
+
+def _weights(path: Path) -> dict[str, bytes]:
+    model = onnx.load(str(path))
+    return {f"{i}/{t.name}": onnx.numpy_helper.to_array(t).tobytes()
+            for i, graph in enumerate(_graphs(model.graph)) for t in graph.initializer}
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+            for sub in attribute.graphs:
+                yield from _graphs(sub)

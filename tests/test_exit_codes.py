@@ -4,8 +4,8 @@ option, bad value, missing required option or argument: click's own usage errors
 input (missing, empty, corrupt or truncated model, corrupt sidecar, bad data or recipe).
 
 Our own errors (1 and 2) are exactly one line on stderr, no traceback, and nothing is written.
-eval and unpack have no check to fail, and huffman is lossless (its --max-drop cannot fail), so
-those three never exit 1.
+eval, unpack and pack have no check to fail, and huffman is lossless (its --max-drop cannot fail),
+so those four never exit 1.
 The CLI runs in-process (CliRunner) for speed; one real subprocess per code checks the process's
 exit status and that a long message stays one line when stderr is a pipe.
 """
@@ -29,7 +29,8 @@ from modelsqueeze import store
 
 runner = CliRunner()
 
-COMMANDS = ["eval", "report", "prune", "cluster", "quantize", "svd", "huffman", "unpack", "pipeline", "run", "sensitivity"]
+COMMANDS = ["eval", "report", "prune", "cluster", "quantize", "svd", "huffman", "unpack", "pack", "pipeline", "run",
+            "sensitivity"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,7 @@ OK = {
     # Huffman coding is lossless: its --max-drop check cannot fail (drop 0 <= 0), so it has no exit 1
     "huffman": ["huffman", "c.onnx", "-o", "ok_huffman.onnx", "--validate", "d.npz", "--max-drop", "0"],
     "unpack": ["unpack", "c.onnx", "-o", "ok_unpack.onnx"],
+    "pack": ["pack", "c.onnx", "-o", "ok_pack.onnx"],
     "pipeline": ["pipeline", "mlp.onnx", "-o", "ok_pipeline.onnx", "--prune", "0.5", "--bits", "2", "--huffman"],
     "run": ["run", "ok.toml"],
     "sensitivity": ["sensitivity", "mlp.onnx", "--data", "d.npz", "--method", "prune", "--values", "0.5"],
@@ -167,11 +169,12 @@ def test_1_check_failed(at, fail_inputs, case):
 # --- 2: click's own usage errors -------------------------------------------------------------------
 
 REQUIRED = {"eval": [], "report": [], "prune": ["-o", "x.onnx"], "cluster": ["-o", "x.onnx"], "quantize": ["-o", "x.onnx"],
-            "svd": ["-o", "x.onnx"], "huffman": ["-o", "x.onnx"], "unpack": ["-o", "x.onnx"], "pipeline": ["-o", "x.onnx"],
+            "svd": ["-o", "x.onnx"], "huffman": ["-o", "x.onnx"], "unpack": ["-o", "x.onnx"], "pack": ["-o", "x.onnx"],
+            "pipeline": ["-o", "x.onnx"],
             "run": [], "sensitivity": ["--data", "d.npz", "--method", "prune"]}
-SOURCE = {"run": "ok.toml", "huffman": "c.onnx", "unpack": "c.onnx"}
-INT_OPTION = {"eval": "--random", "report": "--min-ratio", "sensitivity": "--target-ratio", "unpack": None}
-VALUE_OPTION = {"unpack": "--output"}
+SOURCE = {"run": "ok.toml", "huffman": "c.onnx", "unpack": "c.onnx", "pack": "c.onnx"}
+INT_OPTION = {"eval": "--random", "report": "--min-ratio", "sensitivity": "--target-ratio", "unpack": None, "pack": None}
+VALUE_OPTION = {"unpack": "--output", "pack": "--output"}
 
 
 def usage_cases():
@@ -184,7 +187,7 @@ def usage_cases():
             yield f"{command}-{option[2:]}-not-a-number", [command, src, *REQUIRED[command], option, "abc"]
         else:
             yield f"{command}-option-without-its-value", [command, src, *REQUIRED[command], VALUE_OPTION[command]]
-        if command in ("prune", "cluster", "quantize", "svd", "huffman", "unpack", "pipeline"):
+        if command in ("prune", "cluster", "quantize", "svd", "huffman", "unpack", "pack", "pipeline"):
             yield f"{command}-missing-output", [command, src]
     yield "sensitivity-missing-data", ["sensitivity", "mlp.onnx", "--method", "prune"]
     yield "sensitivity-missing-method", ["sensitivity", "mlp.onnx", "--data", "d.npz"]
@@ -237,6 +240,9 @@ BAD_USAGE = {
     "huffman-negative-max-drop": ["huffman", "c.onnx", "-o", "x.onnx", "--validate", "d.npz", "--max-drop", "-1"],
     "unpack-onto-its-input": ["unpack", "c.onnx", "-o", "c.onnx", "--force"],
     "unpack-onto-its-sidecar": ["unpack", "c.onnx", "-o", "c.msq", "--force"],
+    "pack-onto-its-input": ["pack", "c.onnx", "-o", "c.onnx", "--force"],
+    "pack-onto-its-sidecar": ["pack", "c.onnx", "-o", "c.msq", "--force"],
+    "pack-output-exists": ["pack", "c.onnx", "-o", "mlp.onnx"],
     "pipeline-no-steps": ["pipeline", "mlp.onnx", "-o", "x.onnx"],
     "pipeline-bits-and-quantize": ["pipeline", "mlp.onnx", "-o", "x.onnx", "--bits", "2", "--quantize", "8"],
     "pipeline-output-msq": ["pipeline", "mlp.onnx", "-o", "x.msq", "--bits", "2"],
@@ -288,6 +294,7 @@ def command_on(command: str, model: str) -> list[str]:
         "svd": ["svd", model, "-o", "x.onnx", "--rank", "2"],
         "huffman": ["huffman", model, "-o", "x.onnx"],
         "unpack": ["unpack", model, "-o", "x.onnx"],
+        "pack": ["pack", model, "-o", "x.onnx"],
         "pipeline": ["pipeline", model, "-o", "x.onnx", "--bits", "2"],
         "run": ["run", "ok.toml", "--input", model, "-o", "x.onnx"],
         "sensitivity": ["sensitivity", model, "--data", "d.npz", "--method", "prune", "--values", "0.5"],
@@ -295,7 +302,7 @@ def command_on(command: str, model: str) -> list[str]:
 
 
 BAD_MODEL_CASES = [(c, k) for c in COMMANDS for k in ("missing", "garbage")] + \
-    [(c, k) for c in ("report", "cluster", "unpack") for k in MODEL_INPUTS if k not in ("missing", "garbage")]
+    [(c, k) for c in ("report", "cluster", "unpack", "pack") for k in MODEL_INPUTS if k not in ("missing", "garbage")]
 
 
 @pytest.mark.parametrize("command,kind", BAD_MODEL_CASES, ids=[f"{c}-{k}" for c, k in BAD_MODEL_CASES])
