@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -61,7 +62,8 @@ def sensitivity_command(
     method: Annotated[str, typer.Option("--method", "-m", help="prune (varies --sparsity) | cluster (--bits) | quantize (--bits) | svd (--energy).", show_default=False)],
     values: Annotated[Optional[str], typer.Option("--values", help="The settings to try instead of the method's grid, e.g. '0.5,0.7,0.9' (sorted gentle to aggressive).")] = None,
     option: Annotated[list[str], typer.Option("--option", help="A fixed option of the method, KEY=VALUE (repeatable), e.g. init=density, granularity=block.")] = [],
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget in percentage points: per layer for the table's chosen settings; for the searched point with --target-*.")] = 1.0,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy (or agreement) budget in percentage points: per layer for the table's chosen settings; for the searched point with --target-*. Default 1.", show_default=False)] = None,
+    min_snr: Annotated[Optional[float], typer.Option("--min-snr", help="With --metric snr: the floor in dB, per layer for the table, for the searched point with --target-*. Default 20.", show_default=False)] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Write the chosen settings (+ --then steps) as a TOML recipe for `modelsqueeze run`.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the per-layer sensitivity curves (.png, .svg, .pdf; needs matplotlib).")] = None,
     target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="Search per-layer settings for a packed size of at most (current size / R).")] = None,
@@ -72,7 +74,7 @@ def sensitivity_command(
     exclude: ExcludeOpt = [],
     min_params: MinParamsOpt = None,
     force: ForceOpt = False,
-    metric: Annotated[Optional[str], typer.Option("--metric", help="top1 (accuracy on the labels; without labels, agreement) | agreement (top-1 agreement with the model's own predictions); :OUTPUT picks the output, e.g. agreement:scores.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="top1 (accuracy on the labels; without labels, agreement) | agreement (top-1 agreement with the model's own predictions) | snr (the output's SNR against the model's own, in dB, floor --min-snr); :OUTPUT picks the output, e.g. snr:scores.")] = None,
     batch_axis: BatchAxisOpt = [],
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
@@ -80,7 +82,8 @@ def sensitivity_command(
 ) -> None:
     """How much accuracy each layer loses to one method at each setting, and the per-layer settings
     to use: each selected layer is compressed alone at each value of the grid and measured with
-    onnxruntime (accuracy of the graph as written, packed bytes of the pair).
+    onnxruntime (accuracy of the graph as written, packed bytes of the pair). --metric agreement or
+    snr (with --min-snr DB) measures against the input model instead: no labels needed.
 
     Without --target-*: prints the table and, per layer, the most aggressive setting whose drop on
     its own is within --max-drop (a layer with none is left alone); --recipe writes them, followed by
@@ -92,9 +95,12 @@ def sensitivity_command(
     the target cannot be reached, or when the point that reaches it loses more than --max-drop;
     otherwise --recipe writes that point's settings. Bad usage or input: exit 2, nothing written."""
     # --- every refusal before any work ---------------------------------------------------------
-    _check_finite(max_drop=max_drop, target_ratio=target_ratio)
-    if max_drop < 0:
+    _check_finite(max_drop=max_drop, target_ratio=target_ratio, min_snr=min_snr)
+    if max_drop is not None and max_drop < 0:
         raise ModelSqueezeError(f"--max-drop {max_drop:g}: must be 0 or more")
+    gauge = Metric.parse(metric)
+    unit = _Unit.of(gauge, max_drop, min_snr)
+    max_drop = unit.budget_pp
     spec = engine.method_of(method)
     if target_ratio is not None and target_bytes is not None:
         raise ModelSqueezeError("give --target-ratio or --target-bytes, not both")
@@ -117,6 +123,9 @@ def sensitivity_command(
 
         check_writable_folder(recipe)
     plots = [p for p in (plot, frontier_plot) if p is not None]
+    if plots and unit.snr:
+        raise ModelSqueezeError("--plot and --frontier-plot draw accuracy (%); with --metric snr the SNR of every "
+                                "point is in the table and in --json")
     if len(set(p.resolve() for p in plots + ([recipe] if recipe else []))) < len(plots) + (recipe is not None):
         raise ModelSqueezeError("--recipe, --plot and --frontier-plot must be different files")
     if plots:
@@ -126,8 +135,6 @@ def sensitivity_command(
             plotting.check_plot_path(path)
             check_output(path, force, [model, data])
         plotting.require_matplotlib()
-    gauge = Metric.parse(metric)
-    engine.Evaluator({}, metric=gauge)  # --metric snr refused before any work
     arrays = load_npz(data)
     pair = load_pair(model)
     if label_key() not in arrays and gauge.kind == "top1" and not quiet:
@@ -144,8 +151,7 @@ def sensitivity_command(
             table = engine.sensitivity(pair.model, pair.records, arrays, spec.command, grid, base, selection,
                                        advance, str(data), baseline_bytes=baseline_bytes, metric=gauge)
     if not searching:
-        _report_table(table, model, data, recipe, plot, then_steps, max_drop, baseline_bytes, pair, arrays, as_json, quiet,
-                      metric=gauge)
+        _report_table(table, model, data, recipe, plot, then_steps, unit, baseline_bytes, pair, arrays, as_json, quiet)
         return
     target = limit if limit is not None else max(1, math.floor(baseline_bytes / target_ratio))
     # at most: the gentlest point, a one-layer table when the search ranks moves with it, every notch
@@ -159,7 +165,7 @@ def sensitivity_command(
         found = engine.search(pair.model, pair.records, arrays, spec.command, target, grid, base, then_steps,
                               selection, advance, str(data), table=table, baseline_bytes=baseline_bytes,
                               on_accept=accepted, metric=gauge)
-    _report_search(found, table, model, data, recipe, plot, frontier_plot, max_drop, as_json, quiet, arrays)
+    _report_search(found, table, model, data, recipe, plot, frontier_plot, unit, as_json, quiet, arrays)
 
 
 # --- option parsing ----------------------------------------------------------------------------
@@ -204,6 +210,81 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """How the scores of one metric are budgeted and shown: accuracy or agreement as percentages
+    with a budget in points; SNR in dB with a floor, its scores being `engine.snr_score`."""
+
+    metric: Metric
+    budget_pp: float  # the drop allowed, in points of the score
+    min_snr: float | None = None
+
+    @classmethod
+    def of(cls, metric: Metric, max_drop: float | None, min_snr: float | None) -> "_Unit":
+        if metric.kind == "snr":
+            if max_drop is not None:
+                raise ModelSqueezeError("--max-drop is in points of accuracy or agreement; with --metric snr give "
+                                        "the floor in dB, --min-snr DB")
+            floor = DEFAULT_MIN_SNR if min_snr is None else min_snr
+            return cls(metric, engine.snr_budget_pp(floor), floor)
+        if min_snr is not None:
+            raise ModelSqueezeError("--min-snr needs --metric snr (accuracy and agreement take --max-drop PP)")
+        return cls(metric, 1.0 if max_drop is None else max_drop)
+
+    @property
+    def snr(self) -> bool:
+        return self.metric.kind == "snr"
+
+    def db(self, score: float) -> float:
+        return engine.score_snr(score)
+
+    def show(self, score: float) -> str:
+        return Metric("snr").show(self.db(score)) if self.snr else _pct(score)
+
+    def cell(self, score: float) -> str:
+        if self.snr:
+            db = self.db(score)
+            return "same" if db == math.inf else f"{db:.1f}"
+        return f"{100 * score:.1f}"
+
+    def change(self, baseline: float, score: float) -> str:
+        """A point's score against the baseline: points for fractions; the SNR itself for snr
+        (the baseline, the input against itself, is identical)."""
+        return self.show(score) if self.snr else _change(100 * (baseline - score))
+
+    @property
+    def what(self) -> str:
+        return f"SNR (dB) of output {self.metric.output} against the input" if self.snr and self.metric.output else \
+            "output SNR (dB) against the input" if self.snr else "top-1 accuracy (%)"
+
+    @property
+    def budget(self) -> str:
+        return f"keeping ≥ {self.min_snr:g} dB SNR" if self.snr else f"losing ≤ {self.budget_pp:g} pp"
+
+    @property
+    def flag(self) -> str:
+        return f"--min-snr {self.min_snr:g}" if self.snr else f"--max-drop {self.budget_pp:g}"
+
+    def json(self, data: Any) -> Any:
+        """--json output: with snr, every score also as `snr_db` (null: identical outputs)."""
+        if not self.snr:
+            return data
+        if isinstance(data, list):
+            return [self.json(item) for item in data]
+        if not isinstance(data, dict):
+            return data
+        out = {key: self.json(value) for key, value in data.items()}
+        for key, name in (("accuracy", "snr_db"), ("baseline_accuracy", "baseline_snr_db")):
+            if isinstance(data.get(key), float):
+                db = self.db(data[key])
+                out[name] = None if db == math.inf else db
+        return out
+
+
+# --metric snr without --min-snr: the floor the tests hold int8 to on every corpus model.
+DEFAULT_MIN_SNR = 20.0
+
+
 def _exceeds(drop_pp: float, max_drop: float) -> bool:
     """A drop beyond the budget (1000 samples give steps of 0.1 pp: no float dust may fail a tie)."""
     return drop_pp > max_drop + 1e-9
@@ -244,10 +325,15 @@ def _draw(path: Path, plot_function, *args) -> None:
         raise ModelSqueezeError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
 
 
-def _validation(arrays: dict, data: Path, max_drop: float) -> dict:
+def _validation(arrays: dict, data: Path, unit: "_Unit") -> dict:
     """What the recipe's `validate`/`max_drop` should be: the data when it is labelled; unlabelled
-    calibration data cannot validate a `run` (give the test set with --validate there)."""
-    return {"validate": data, "max_drop": max_drop} if "y" in arrays else {}
+    calibration data cannot validate a `run` on accuracy (give the test set with --validate
+    there). With snr the data validates against the input, and the floor goes with it."""
+    if unit.snr:
+        return {"validate": data, "metric": unit.metric.text, "min_snr": unit.min_snr}
+    if unit.metric.kind == "agreement":
+        return {"validate": data, "max_drop": unit.budget_pp, "metric": unit.metric.text}
+    return {"validate": data, "max_drop": unit.budget_pp} if label_key() in arrays else {}
 
 
 def _measure_steps(pair, arrays, steps: list[Step], source: str, metric: Metric | None = None) -> tuple[int, float]:
@@ -258,7 +344,7 @@ def _measure_steps(pair, arrays, steps: list[Step], source: str, metric: Metric 
         return packed_bytes(final, list(records.values())), evaluate(rendered(final, records.values()), "recipe")
 
 
-def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, max_drop: float, title: str) -> Table:
+def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, unit: _Unit, title: str) -> Table:
     """One row per layer, a column per value (accuracy %, coloured by drop); with `chosen`, the
     setting picked per layer and the bytes it saves on its own."""
     table = Table(box=box.SIMPLE_HEAD, title=escape(title), title_justify="left")
@@ -273,8 +359,8 @@ def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, ma
         cells = []
         for value in result.values:
             drop = result.drop_pp(key, value)
-            style = _drop_style(drop, max_drop) + (" bold underline" if chosen and chosen.get(key) == value else "")
-            cells.append(Text(f"{100 * result.accuracy[key][value]:.1f}", style=style))
+            style = _drop_style(drop, unit.budget_pp) + (" bold underline" if chosen and chosen.get(key) == value else "")
+            cells.append(Text(unit.cell(result.accuracy[key][value]), style=style))
         if chosen is None:
             table.add_row(Text(key), f"{n_params:,}", *cells)
         elif key in chosen:
@@ -285,23 +371,24 @@ def _sensitivity_table(result: engine.SensitivityResult, chosen: dict | None, ma
     return table
 
 
-def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, baseline_bytes, pair, arrays,
-                  as_json, quiet, metric: Metric | None = None) -> None:
+def _report_table(result, model, data, recipe_path, plot, then_steps, unit: _Unit, baseline_bytes, pair, arrays,
+                  as_json, quiet) -> None:
+    max_drop = unit.budget_pp
     chosen = engine.best_settings(result, max_drop)
     recipe = None
     combined = None
     if chosen or then_steps:
         recipe = engine.recipe_for(result.method, chosen, result.base_options, then_steps, input=model,
-                                   **_validation(arrays, data, max_drop))
-        size, acc = _measure_steps(pair, arrays, list(recipe.steps), str(data), metric)
+                                   **_validation(arrays, data, unit))
+        size, acc = _measure_steps(pair, arrays, list(recipe.steps), str(data), unit.metric)
         combined = {"packed_bytes": size, "ratio": baseline_bytes / size, "accuracy": acc,
                     "drop_pp": 100 * (result.baseline_accuracy - acc), "steps": describe(recipe.steps)}
     if recipe_path is not None:
         if recipe is None:
-            raise ModelSqueezeError(f"no layer stays within --max-drop {max_drop:g} at any {result.setting} and there "
+            raise ModelSqueezeError(f"no layer stays within {unit.flag} at any {result.setting} and there "
                                     f"are no --then steps: nothing to put in {recipe_path}")
         _write_recipe(recipe_path, recipe, f"written by `modelsqueeze sensitivity --method {result.method}`: per layer the most "
-                      f"aggressive {result.setting} losing at most {max_drop:g} pp on its own; run it with "
+                      f"aggressive {result.setting} {unit.budget} on its own; run it with "
                       f"`modelsqueeze run {recipe_path.name} -o SMALL.onnx`")
     if plot is not None:
         from modelsqueeze import plots
@@ -310,22 +397,23 @@ def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, 
         _draw(plot, plots.plot_sensitivity, curves, result.setting, plot, result.baseline_accuracy, max_drop,
                                f"{model.name}: per-layer sensitivity to {result.method} {result.setting}")
     if as_json:
-        _print_json({"model": str(model), "data": str(data), **result.to_dict(), "max_drop_pp": max_drop,
-                     "chosen": chosen, "combined": combined,
-                     "recipe": str(recipe_path) if recipe_path else None, "plot": str(plot) if plot else None})
+        _print_json(unit.json({"model": str(model), "data": str(data), **result.to_dict(), "metric": unit.metric.text,
+                               "max_drop_pp": max_drop, **({"min_snr_db": unit.min_snr} if unit.snr else {}),
+                               "chosen": chosen, "combined": combined,
+                               "recipe": str(recipe_path) if recipe_path else None, "plot": str(plot) if plot else None}))
         return
-    out.print(_sensitivity_table(result, chosen, max_drop,
-                                 f"top-1 accuracy (%) of {model.name} with one layer at a time at each {result.method} "
-                                 f"{result.setting} (baseline {_pct(result.baseline_accuracy)})"))
-    out.print(f"chosen: per layer the most aggressive {result.setting} losing ≤ {max_drop:g} pp on its own "
+    out.print(_sensitivity_table(result, chosen, unit,
+                                 f"{unit.what} of {model.name} with one layer at a time at each {result.method} "
+                                 f"{result.setting} (baseline {unit.show(result.baseline_accuracy)})"))
+    out.print(f"chosen: per layer the most aggressive {result.setting} {unit.budget} on its own "
               f"(green: no loss, yellow: within, red: beyond)", highlight=False)
     if combined is not None:
         style = "red" if _exceeds(combined["drop_pp"], max_drop) else "green"
         out.print(f"together ({escape(combined['steps'])}): {combined['packed_bytes']:,} B ({combined['ratio']:.2f}x of "
-                  f"{baseline_bytes:,} B), accuracy {_pct(combined['accuracy'])} "
-                  f"[{style}]({_change(combined['drop_pp'])})[/]", highlight=False)
+                  f"{baseline_bytes:,} B), {'SNR' if unit.snr else 'accuracy'} {unit.show(combined['accuracy'])} "
+                  + ("" if unit.snr else f"[{style}]({_change(combined['drop_pp'])})[/]"), highlight=False)
         if _exceeds(combined["drop_pp"], max_drop) and not quiet:
-            err.print(f"note: the layers' drops add up: together they lose more than --max-drop {max_drop:g}; "
+            err.print(f"note: the layers' drops add up: together they go beyond {unit.flag}; "
                       f"try --target-ratio/--target-bytes to search settings measured together", markup=False, highlight=False)
     if not quiet:
         for path, what in ((recipe_path, "recipe"), (plot, "plot")):
@@ -337,9 +425,10 @@ def _report_table(result, model, data, recipe_path, plot, then_steps, max_drop, 
 MAX_LAYER_COLUMNS = 8
 
 
-def _frontier_table(found: engine.SearchResult, max_drop: float, title: str) -> Table:
+def _frontier_table(found: engine.SearchResult, unit: _Unit, title: str) -> Table:
+    max_drop = unit.budget_pp
     table = Table(box=box.SIMPLE_HEAD, title=escape(title), title_justify="left")
-    for col in ("#", "packed bytes", "ratio", "accuracy", "change"):
+    for col in ("#", "packed bytes", "ratio", "SNR" if unit.snr else "accuracy", *(() if unit.snr else ("change",))):
         table.add_column(col, justify="right", no_wrap=True)
     keys = list(found.frontier[0].settings)
     gentlest = found.values[0]
@@ -350,13 +439,16 @@ def _frontier_table(found: engine.SearchResult, max_drop: float, title: str) -> 
     else:
         table.add_column(f"{found.setting} (others {_value(gentlest)})")
     b, a = found.baseline_bytes, found.baseline_accuracy
-    table.add_row("base", f"{b:,}", "1.00x", _pct(a), "", *([""] * len(keys) if by_column else [Text("the input", style="dim")]))
+    table.add_row("base", f"{b:,}", "1.00x", unit.show(a), *(() if unit.snr else ("",)),
+                  *([""] * len(keys) if by_column else [Text("the input", style="dim")]))
     previous: dict = {}
     for i, point in enumerate(found.frontier, 1):
         drop = 100 * (a - point.accuracy)
         style = "bold" if point is found.chosen else ""
         row = [Text(f"{i}*" if point is found.chosen else str(i), style=style), Text(f"{point.packed_bytes:,}", style=style),
-               f"{b / point.packed_bytes:.2f}x", _pct(point.accuracy), Text(_change(drop), style=_drop_style(drop, max_drop))]
+               f"{b / point.packed_bytes:.2f}x"]
+        shown = Text(unit.show(point.accuracy), style=_drop_style(drop, max_drop) if unit.snr else "")
+        row += [shown] if unit.snr else [shown, Text(_change(drop), style=_drop_style(drop, max_drop))]
         if by_column:  # the value that moved on this step stands out
             row += [Text(_value(v), style="bold cyan" if previous and previous[k] != v else "") for k, v in point.settings.items()]
         else:
@@ -367,8 +459,9 @@ def _frontier_table(found: engine.SearchResult, max_drop: float, title: str) -> 
     return table
 
 
-def _report_search(found: engine.SearchResult, table, model, data, recipe_path, plot, frontier_plot, max_drop,
+def _report_search(found: engine.SearchResult, table, model, data, recipe_path, plot, frontier_plot, unit: _Unit,
                    as_json, quiet, arrays) -> None:
+    max_drop = unit.budget_pp
     b, a = found.baseline_bytes, found.baseline_accuracy
     chosen = found.chosen
     failure = None
@@ -377,20 +470,23 @@ def _report_search(found: engine.SearchResult, table, model, data, recipe_path, 
         failure = (f"target {found.target_bytes:,} B ({b / found.target_bytes:.2f}x) cannot be reached with "
                    f"{found.method} {found.setting} on the selected layers" + (f" then {describe(found.then)}" if found.then else "")
                    + f": the most aggressive point found is {last.packed_bytes:,} B ({b / last.packed_bytes:.2f}x) at "
-                   f"{_pct(last.accuracy)}; no recipe written")
+                   f"{unit.show(last.accuracy)}; no recipe written")
     elif _exceeds(100 * (a - chosen.accuracy), max_drop):
+        fell = (f"SNR is {unit.show(chosen.accuracy)}, below {unit.flag} dB" if unit.snr else
+                f"accuracy fell {100 * (a - chosen.accuracy):.2f} pp ({_pct(a)} -> {_pct(chosen.accuracy)}), more than {unit.flag}")
         failure = (f"target {found.target_bytes:,} B reached at {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x) but "
-                   f"accuracy fell {100 * (a - chosen.accuracy):.2f} pp ({_pct(a)} -> {_pct(chosen.accuracy)}), more than "
-                   f"--max-drop {max_drop:g}; no recipe written")
+                   f"{fell}; no recipe written")
     if recipe_path is not None and failure is None:
         recipe = engine.recipe_for(found.method, chosen.settings, found.base_options, found.then, input=model,
-                                   **_validation(arrays, data, max_drop))
+                                   **_validation(arrays, data, unit))
+        measured = ("output SNR against the original" if unit.snr else "accuracy" if label_key() in arrays
+                    and unit.metric.kind == "top1" else "top-1 agreement with the original")
+        validated = "validate" in _validation(arrays, data, unit)
         _write_recipe(recipe_path, recipe, f"written by `modelsqueeze sensitivity --method {found.method}` searching "
                       f"{found.target_bytes:,} B: {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x), "
-                      f"{'accuracy' if 'y' in arrays else 'top-1 agreement with the original'} on {data.name} "
-                      f"{_pct(chosen.accuracy)} (baseline {_pct(a)}); run it with "
+                      f"{measured} on {data.name} {unit.show(chosen.accuracy)} (baseline {unit.show(a)}); run it with "
                       f"`modelsqueeze run {recipe_path.name} -o SMALL.onnx"
-                      + ("`" if "y" in arrays else " --validate TEST.npz --max-drop PP`"))
+                      + ("`" if validated else " --validate TEST.npz --max-drop PP`"))
     from_plots = []
     if plot is not None and table is not None:
         from modelsqueeze import plots
@@ -408,21 +504,23 @@ def _report_search(found: engine.SearchResult, table, model, data, recipe_path, 
                             + (f" then {describe(found.then)}" if found.then else ""))
         from_plots.append((frontier_plot, "frontier plot"))
     if as_json:
-        _print_json({"model": str(model), "data": str(data), **found.to_dict(), "max_drop_pp": max_drop,
+        _print_json(unit.json({"model": str(model), "data": str(data), **found.to_dict(), "metric": unit.metric.text,
+                     "max_drop_pp": max_drop, **({"min_snr_db": unit.min_snr} if unit.snr else {}),
                      "then": [{"command": s.command, "text": describe([s])} for s in found.then],
                      "ok": failure is None, "message": failure,
                      "sensitivity": table.to_dict() if table is not None else None,
-                     "recipe": str(recipe_path) if recipe_path is not None and failure is None else None})
+                     "recipe": str(recipe_path) if recipe_path is not None and failure is None else None}))
     else:
         if table is not None:
-            out.print(_sensitivity_table(table, None, max_drop, f"top-1 accuracy (%) of {model.name} with one layer "
-                                         f"at a time at each {table.method} {table.setting} (baseline {_pct(table.baseline_accuracy)})"))
+            out.print(_sensitivity_table(table, None, unit, f"{unit.what} of {model.name} with one layer "
+                                         f"at a time at each {table.method} {table.setting} (baseline {unit.show(table.baseline_accuracy)})"))
         title = (f"frontier of {model.name}: {found.method} {found.setting} per layer"
                  + (f" then {describe(found.then)}" if found.then else "") + f", target {found.target_bytes:,} B")
-        out.print(_frontier_table(found, max_drop, title))
+        out.print(_frontier_table(found, unit, title))
         if failure is None:
-            out.print(f"chosen (*): {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x of {b:,} B), accuracy "
-                      f"{_pct(chosen.accuracy)} ({_change(100 * (a - chosen.accuracy))}), "
+            score = f"SNR {unit.show(chosen.accuracy)}" if unit.snr else \
+                f"accuracy {_pct(chosen.accuracy)} ({_change(100 * (a - chosen.accuracy))})"
+            out.print(f"chosen (*): {chosen.packed_bytes:,} B ({b / chosen.packed_bytes:.2f}x of {b:,} B), {score}, "
                       f"{found.evaluations} evaluations", highlight=False)
     if not quiet and not as_json:
         for path, what in from_plots + ([(recipe_path, "recipe")] if recipe_path is not None and failure is None else []):

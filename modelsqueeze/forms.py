@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from modelsqueeze import store
 from modelsqueeze.kernels.quant import qrange
-from modelsqueeze.tensor import CompressedTensor
+from modelsqueeze.tensor import FLOAT_DTYPES, CompressedTensor
 
 AUX = "::"  # separates a tensor's name from its form's own tensors (repeated as needed: see form_tag)
 FORM_STEPS = ("cast", "gather", "zeros", "scatter", "reshape", "dequantize")
@@ -219,7 +219,7 @@ def _dequantize(name: str, tag: str, record: CompressedTensor, model_opset: int)
     per tensor from opset 10, per axis from 13, 4-bit and block-wise from 21; else None."""
     bits = record.index_bits
     need = 21 if (bits <= 4 and model_opset >= 21) or record.block_size else 13 if record.quant_axis is not None else 10
-    if record.dtype != "float32" or model_opset < need or bits > 16 or (bits > 8 and model_opset < 21):
+    if record.dtype not in FLOAT_DTYPES or model_opset < need or bits > 16 or (bits > 8 and model_opset < 21):
         return None
     qmin = qrange(bits, record.signed)[0]
     zero_point = record.zero_point.astype(np.int64)
@@ -242,8 +242,16 @@ def _dequantize(name: str, tag: str, record: CompressedTensor, model_opset: int)
         attrs["axis"] = record.quant_axis
     if record.block_size:
         attrs["block_size"] = record.block_size
-    node = helper.make_node("DequantizeLinear", [t.name for t in inits], [name], name=node_prefix(name) + "dequantize", **attrs)
-    return inits, [node]
+    if record.dtype == "float32":
+        node = helper.make_node("DequantizeLinear", [t.name for t in inits], [name], name=node_prefix(name) + "dequantize", **attrs)
+        return inits, [node]
+    # float16/float64 weights: the float32 product rounded to the weight's type, as the record
+    # decodes (DequantizeLinear gives float32 at every opset this form uses)
+    wide = helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{tag}wide"], name=node_prefix(name) + "dequantize",
+                            **attrs)
+    cast = helper.make_node("Cast", [f"{tag}wide"], [name], name=node_prefix(name) + "cast",
+                            to=helper.np_dtype_to_tensor_dtype(np.dtype(record.dtype)))
+    return inits, [wide, cast]
 
 
 def _size(form: tuple[list, list]) -> int:

@@ -135,22 +135,42 @@ def layers_to_vary(model: onnx.ModelProto, selection: Selection) -> list[WeightI
     return infos
 
 
+def snr_score(db: float) -> float:
+    """The score sensitivity and its search compare for `--metric snr`: 1 − noise/signal power
+    (1.0: identical outputs), so higher is better like accuracy, a "drop" in points is the noise
+    power in percent of the signal's, and the drops of layers compressed together roughly add
+    (independent noises do). Monotone in the SNR: a floor in dB is a budget of drop exactly."""
+    return 1.0 if db == math.inf else 1.0 - 10.0 ** (-db / 10.0)
+
+
+def score_snr(score: float) -> float:
+    """The SNR in dB that `snr_score` maps to `score`."""
+    return math.inf if score >= 1.0 else -10.0 * math.log10(1.0 - score)
+
+
+def snr_budget_pp(min_snr_db: float) -> float:
+    """The drop (in the points of `snr_score`) that keeps the SNR at `min_snr_db` or above."""
+    return 100.0 * (1.0 - snr_score(min_snr_db))
+
+
 class Evaluator(Scorer):
     """The score of candidate graphs on one data set (validate.Scorer): top-1 accuracy on the
     labels by default; data without labels is scored by top-1 agreement with the `reference`
     graph (the original model), so a search can run on unlabelled calibration data instead of the
-    test set; `metric` asks for agreement (on a named output) outright. Scores are fractions."""
+    test set; `metric` asks for agreement (on a named output) outright, or the output's SNR
+    against the reference (as `snr_score`). Scores are fractions, higher is better."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data", reference: onnx.ModelProto | None = None,
                  metric: Metric | None = None):
         metric = metric or Metric()
-        if metric.kind == "snr":
-            raise ModelSqueezeError("sensitivity and its search score fractions (top1, agreement); --metric snr "
-                                    "is for --validate/--min-snr and eval")
-        self.agreement = metric.kind == "agreement" or label_key() not in arrays
+        self.agreement = metric.kind == "agreement" or (metric.kind == "top1" and label_key() not in arrays)
         if self.agreement and metric.kind == "top1":
             metric = Metric("agreement", metric.output)
         super().__init__(metric, arrays, reference, source)
+
+    def __call__(self, graph: onnx.ModelProto, label: str = "candidate", progress=None) -> float:
+        value = super().__call__(graph, label, progress)
+        return snr_score(value) if self.metric.kind == "snr" else value
 
 
 def _size(model: onnx.ModelProto, records: Mapping[str, CompressedTensor]) -> int:
@@ -227,11 +247,13 @@ def sensitivity(
         acc[info.key], size[info.key] = {}, {}
         for value in grid:
             with store.released():  # the candidate's values go with it
-                result = single_layer_step(spec, info.key, value, base).apply(model, records)
-                size[info.key][value] = packed_bytes(result.model, list(result.records.values()))
-                acc[info.key][value] = evaluate(rendered(result.model, result.records.values()),
+                # as the command would write it: a tensor that would not get smaller stays as it was
+                final, new_records, _ = run_steps(model, records, [single_layer_step(spec, info.key, value, base)],
+                                                  size_last=False)
+                size[info.key][value] = packed_bytes(final, list(new_records.values()))
+                acc[info.key][value] = evaluate(rendered(final, new_records.values()),
                                                 f"{info.key} {spec.setting}={value}")
-                del result
+                del final, new_records
             if progress:
                 progress(1)
     return SensitivityResult(
@@ -276,13 +298,15 @@ def recipe_for(
     output: Path | None = None,
     validate: Path | None = None,
     max_drop: float | None = None,
+    metric: str | None = None,
+    min_snr: float | None = None,
 ) -> Recipe:
     """The recipe: `method` with the per-layer `settings`, then `then_steps`."""
     first = method_step(method, settings, base_options)
     steps = ([first] if first is not None else []) + list(then_steps)
     if not steps:
         raise ModelSqueezeError("no layer has a setting and there are no --then steps: nothing to put in a recipe")
-    return Recipe(tuple(steps), input, output, validate, max_drop)
+    return Recipe(tuple(steps), input, output, validate, max_drop, metric=metric, min_snr=min_snr)
 
 
 # --- size-targeted search ------------------------------------------------------------------------

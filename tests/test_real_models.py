@@ -514,7 +514,55 @@ def test_eval_and_sensitivity_take_the_metric(tmp_path):
     sens = ok("sensitivity", source, "--data", data, "--method", "cluster", "--values", "4,2", "--metric", "agreement",
               "--min-params", "0")
     assert sens["baseline_accuracy"] == 1.0  # agreement of the model with itself, although `labels` are there
-    assert "snr is for --validate" in refused("sensitivity", source, "--data", data, "--method", "cluster", "--metric", "snr")
+
+
+def test_sensitivity_and_its_search_measure_the_output_snr_and_keep_the_floor(tmp_path):
+    """--metric snr: each cell is the SNR `eval --metric snr` gives the model with that layer
+    alone compressed; the chosen setting per layer is the most aggressive one at or above
+    --min-snr; the recipe carries the metric and the floor, and `run` holds it; the search's
+    chosen point is measured for real."""
+    source, data = tmp_path / "vad.onnx", tmp_path / "d.npz"
+    onnx.save_model(vad_model(), str(source))
+    vad_data(data)
+    recipe = tmp_path / "r.toml"
+    sens = ok("sensitivity", source, "--data", data, "--method", "cluster", "--values", "5,3,1", "--metric", "snr:output",
+              "--min-snr", "15", "--min-params", "0", "--recipe", recipe)
+    assert sens["metric"] == "snr:output" and sens["min_snr_db"] == 15 and sens["baseline_snr_db"] is None  # identical
+    for layer in sens["layers"]:
+        for point in layer["points"]:
+            alone = tmp_path / f"{layer['name']}_{point['value']}.onnx"
+            written = ok("cluster", source, "-o", alone, "--bits", str(point["value"]), "--layers", layer["name"],
+                         "--min-params", "0")
+            # sizes as the command writes them (a V that would grow is left as it was, there too)
+            assert point["packed_bytes"] == written["packed_bytes_after"]
+            measured = ok("eval", alone, "--data", data, "--reference", source, "--metric", "snr:output")
+            value = measured["metric"]["value"]  # None: identical outputs (a 32-value V at 5 bits is exact)
+            assert point["snr_db"] == (None if value is None else pytest.approx(value, rel=1e-9))
+        passing = [p["value"] for p in layer["points"] if (p["snr_db"] is None or p["snr_db"] >= 15)
+                   and p["packed_bytes"] < sens["baseline_bytes"]]  # and only what saves bytes
+        assert sens["chosen"].get(layer["name"]) == (passing[-1] if passing else None)
+    assert any(p["snr_db"] is not None and p["snr_db"] < 15 for layer in sens["layers"] for p in layer["points"])  # the floor bites
+    assert "W" in sens["chosen"]
+    text = recipe.read_text()
+    assert 'metric = "snr:output"' in text and "min_snr = 15" in text and "validate" in text
+    run = invoke("run", recipe, "-o", tmp_path / "small.onnx", "--json", "--quiet")
+    combined = sens["combined"]["snr_db"]
+    assert run.exit_code == (0 if combined >= 15 else 1), run.stderr
+    # the search: its chosen point is what the recipe it writes gives
+    searched = tmp_path / "s.toml"
+    found = ok("sensitivity", source, "--data", data, "--method", "cluster", "--values", "6,4,3,2", "--metric", "snr:output",
+               "--min-snr", "10", "--min-params", "0", "--target-ratio", "3", "--recipe", searched)
+    chosen = found["chosen"]
+    assert chosen["snr_db"] >= 10
+    small = tmp_path / "searched.onnx"
+    ok("run", searched, "-o", small)
+    measured = ok("eval", small, "--data", data, "--reference", source, "--metric", "snr:output")
+    assert measured["metric"]["value"] == pytest.approx(chosen["snr_db"], rel=1e-9)
+    # what the metric cannot take, refused before any work
+    base = ("sensitivity", source, "--data", data, "--method", "cluster")
+    assert "--min-snr DB" in refused(*base, "--metric", "snr", "--max-drop", "1")
+    assert "needs --metric snr" in refused(*base, "--min-snr", "20")
+    assert "with --metric snr" in refused(*base, "--metric", "snr", "--plot", tmp_path / "p.png")
 
 
 QDQ = """
@@ -673,3 +721,54 @@ def test_report_lists_fixed_bases_and_tiny_tensors_among_those_left_out_by_defau
     # once compressed (it has a record), it is no longer listed
     ok("quantize", tmp_path / "basis.onnx", "-o", tmp_path / "q.onnx", "--layers", "basis")
     assert "basis" not in {row["name"] for row in ok("report", tmp_path / "q.onnx")["left_out"]}
+
+
+# float16 and float64 weights: quantize's DequantizeLinear form gives float32, so a Cast to the
+# weight's type follows, and the file that runs is as small as the pack says (slovorez_morph ran
+# as float16 at 1.03x before, packed 2x).
+HALF = """
+<ir_version: 8, opset_import: ["" : 13]>
+half ({t}[batch, 96] x) => ({t}[batch, 64] y) {{
+  h = MatMul(x, W)
+  r = Relu(h)
+  y = MatMul(r, V)
+}}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+@pytest.mark.parametrize("args", [(), ("--bits", "4", "--granularity", "channel")])
+def test_quantize_writes_float16_and_float64_weights_in_compact_form_computing_the_pair(tmp_path, dtype, args):
+    rng = np.random.default_rng(3)
+    model = onnx.parser.parse_model(HALF.format(t={"float16": "float16", "float64": "double"}[dtype]))
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((96, 128)).astype(dtype), "W"),
+        onnx.numpy_helper.from_array(rng.standard_normal((128, 64)).astype(dtype), "V")])
+    onnx.checker.check_model(model, full_check=True)
+    source, out, plain = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "plain.onnx"
+    onnx.save_model(model, str(source))
+    result = ok("quantize", source, "-o", out, *args)
+    assert not [n for n in result["notes"] if "stay floats" in n]
+    graph = onnx.load(str(out))
+    assert [n.op_type for n in graph.graph.node].count("DequantizeLinear") == 2
+    assert [n.op_type for n in graph.graph.node].count("Cast") == 2
+    # the runnable file is near the pack: 8-bit codes of 16-bit weights are about half
+    assert source.stat().st_size / out.stat().st_size > {"float16": 1.8, "float64": 7.0}[dtype]
+    # the weights the graph computes are the pair's, bit for bit
+    assert invoke("unpack", out, "-o", plain).exit_code == 0
+    casts = [n.output[0] for n in graph.graph.node if n.op_type == "Cast"]
+    graph.graph.output.extend([onnx.helper.make_tensor_value_info(name, model.graph.output[0].type.tensor_type.elem_type, None)
+                               for name in casts])
+    x = rng.standard_normal((5, 96)).astype(dtype)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, *weights = session.run(None, {"x": x})
+    dense = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(plain)).graph.initializer}
+    for name, value in zip(casts, weights):
+        assert value.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(value, dense[name])
+    want = _run(plain, {"x": x})
+    assert got.dtype == np.dtype(dtype)
+    if dtype == "float64":
+        np.testing.assert_array_equal(got, want)
+    else:  # onnxruntime's float16 MatMul rounds differently when B is computed: 1 ulp of the outputs
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 * float(np.spacing(np.abs(want).max())))

@@ -193,7 +193,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
     cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
-    if any(info.dtype == "float32" and config.bits.lookup(info)[0] is not None for info in selected):
+    if any(config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)
         finite = {info.key for info in selected}  # the same tensors, read from the upgraded graph
         selected = [info for info in find_weights(out) if info.key in finite]
@@ -212,6 +212,4 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
         new_records[info.key] = record
         put_record(out, info.key, record)
         changed.append(info.key)
-        if info.dtype != "float32":
-            notes.append(f"{info.key}: {info.dtype} weights stay floats in the graph (DequantizeLinear gives float32)")
     return PassResult(model=out, records=new_records, changed=changed, notes=notes)
