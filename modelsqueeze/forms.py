@@ -82,12 +82,27 @@ def remove(graph: onnx.GraphProto, name: str) -> None:
 
 
 def declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor the graph defines as a weight, from its definition alone (no
-    weight is read): an initializer's or sparse initializer's dims, a Constant's tensor, and the
-    output of each form above (Reshape to a constant shape, DequantizeLinear of a code tensor,
-    Gather of a 1-D codebook by a code tensor, possibly through a Cast)."""
+    """The shape of every tensor the graph defines as a weight (see `declared`)."""
+    return {name: shape for name, (shape, _) in declared(graph).items()}
+
+
+def _dtype_name(data_type: int) -> str | None:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).name
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def declared(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """The shape and dtype (numpy name; None where the graph does not say) of every tensor the
+    graph defines as a weight, from its definition alone (no weight is read): an initializer's or
+    sparse initializer's dims, a Constant's tensor, and the output of each form above (Reshape to a
+    constant shape, DequantizeLinear of a code tensor, Gather of a 1-D codebook by a code tensor,
+    possibly through a Cast, and a Cast of any of these)."""
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     shapes.update((t.values.name, tuple(t.dims)) for t in graph.sparse_initializer)
+    dtypes = {t.name: _dtype_name(t.data_type) for t in graph.initializer}
+    dtypes.update((t.values.name, _dtype_name(t.values.data_type)) for t in graph.sparse_initializer)
     constants = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1
                  and not store.is_stub(t)}
     producer = {out: node for node in graph.node for out in node.output}
@@ -98,21 +113,26 @@ def declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
         if node.op_type == "Constant":
             value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
             if value is not None:
-                shapes[out] = tuple(value.dims)
+                shapes[out], dtypes[out] = tuple(value.dims), _dtype_name(value.data_type)
         elif node.op_type == "Reshape" and len(inputs) == 2 and inputs[1] in constants:
             shape = tuple(int(d) for d in numpy_helper.to_array(constants[inputs[1]]))
             if all(d > 0 for d in shape):
-                shapes[out] = shape
-        elif node.op_type == "DequantizeLinear" and inputs and inputs[0] in shapes:
-            shapes[out] = shapes[inputs[0]]
+                shapes[out], dtypes[out] = shape, dtypes.get(inputs[0])
+        elif node.op_type == "ScatterElements" and len(inputs) == 3:
+            dtypes[out] = dtypes.get(inputs[2])
+        elif node.op_type == "DequantizeLinear" and len(inputs) >= 2 and inputs[0] in shapes:
+            shapes[out], dtypes[out] = shapes[inputs[0]], dtypes.get(inputs[1])
         elif node.op_type == "Gather" and len(inputs) == 2 and len(shapes.get(inputs[0], ())) == 1:
             codes = inputs[1]
             cast = producer.get(codes)
             if cast is not None and cast.op_type == "Cast":
                 codes = cast.input[0]
             if codes in shapes:
-                shapes[out] = shapes[codes]
-    return shapes
+                shapes[out], dtypes[out] = shapes[codes], dtypes.get(inputs[0])
+        elif node.op_type == "Cast" and inputs and inputs[0] in shapes:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            shapes[out], dtypes[out] = shapes[inputs[0]], (_dtype_name(to) if to is not None else None)
+    return {name: (shape, dtypes.get(name)) for name, shape in shapes.items()}
 
 
 def _lazy(name: str, dtype: np.dtype, shape: tuple[int, ...], make) -> onnx.TensorProto:

@@ -168,8 +168,13 @@ def _parse_lazily(path: Path) -> onnx.ModelProto:
     initializers become stubs reading their bytes from the file."""
     check_model_path(path)
     try:
-        with open_input(path, "an .onnx file") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            split = store.split_model_bytes(view)
+        with open_input(path, "an .onnx file") as handle:
+            store.check_head(handle.read(1 << 16), os.fstat(handle.fileno()).st_size)  # before any big read or map
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                split = store.split_model_bytes(view)
+    except store.NotProtobuf:
+        raise ModelSqueezeError(f"{path}: not an ONNX model (truncated or not protobuf: its top-level fields do not "
+                                f"parse)") from None
     except (OSError, ValueError):
         split = None
     if split is None:

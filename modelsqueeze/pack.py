@@ -345,11 +345,20 @@ MAX_TENSOR_BYTES = 2**36
 
 def _expectation(model: onnx.ModelProto, side: Path):
     """What each record of the sidecar beside `model` must be, checked before its streams are
-    decoded (decoding allocates the record's size): the shape the graph gives its tensor, and a
-    size this machine could hold. A skeleton has no definition left to compare with, so there the
-    size limit alone applies."""
+    decoded (decoding allocates the record's size): a size this machine could hold, and a weight
+    of the graph its key names, with the shape and dtype the graph gives it. In a skeleton (whose
+    sidecar-backed initializers are deleted) the key must name a tensor that nodes read and
+    nothing defines: the slot the record fills."""
     limit = min(MAX_TENSOR_BYTES, memory_bytes())
-    shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+    facts: dict[int, tuple[dict, set, set, set]] = {}
+
+    def graph_facts(graph: onnx.GraphProto) -> tuple[dict, set, set, set]:
+        if id(graph) not in facts:
+            read = {i for _, g in iter_graphs(graph) for n in g.node for i in n.input}  # outer-scope reads too
+            made = {o for n in graph.node for o in n.output}
+            inputs = {v.name for v in graph.input}
+            facts[id(graph)] = (forms.declared(graph), read, made, inputs)
+        return facts[id(graph)]
 
     def expect(key: str, shape: tuple[int, ...], dtype: str) -> None:
         if dtype not in FLOAT_DTYPES:
@@ -359,9 +368,19 @@ def _expectation(model: onnx.ModelProto, side: Path):
             raise ModelSqueezeError(f"claims {n_bytes:,} bytes of weights, more than "
                                     f"this machine's {limit:,} bytes of memory; refused")
         graph, name = _graph_for_key(model, key)
-        declared = shapes.setdefault(id(graph), forms.declared_shapes(graph)).get(name)
-        if declared is not None and declared != shape:
-            raise ModelSqueezeError(f"shape {shape} differs from the graph's tensor {declared}")
+        declared, read, made, inputs = graph_facts(graph)
+        if name in declared:
+            want_shape, want_dtype = declared[name]
+            if want_shape != shape:
+                raise ModelSqueezeError(f"shape {shape} differs from the graph's tensor {want_shape}")
+            if want_dtype is not None and want_dtype != dtype:
+                raise ModelSqueezeError(f"dtype {dtype} differs from the graph's tensor ({want_dtype})")
+        elif name in inputs:
+            raise ModelSqueezeError("names an input of the graph, not a weight")
+        elif name in made:
+            raise ModelSqueezeError("names a tensor a node of the graph computes, not a weight")
+        elif name not in read:
+            raise ModelSqueezeError("names no tensor of the graph (no node reads it)")
 
     return expect
 

@@ -462,6 +462,24 @@ def _decode_streams(meta: dict[str, Any], payload: memoryview) -> dict[str, np.n
 Expect = Callable[[str, tuple[int, ...], str], None]
 
 
+def _check_finite(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """A codebook or a quantization scale holding a NaN or an infinity, or a codebook entry its
+    tensor's dtype cannot hold, is corrupt or hostile: no command makes one (tensors holding such
+    values are left alone). Raw `values` keep every bit pattern of the tensor they copy."""
+    if meta["dtype"] not in ("float16", "float32", "float64"):
+        return  # refused by the graph check with its own message
+    limit = float(np.finfo(meta["dtype"]).max)
+    for role in ("codebook", "scale"):
+        array = arrays.get(role)
+        if array is None or not array.size or not np.issubdtype(array.dtype, np.floating):
+            continue
+        low, high = float(array.min()), float(array.max())  # a NaN anywhere makes both NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise SidecarError(f"its {role} holds NaN or infinite values (file is corrupt)")
+        if role != "scale" and max(-low, high) > limit:
+            raise SidecarError(f"its {role} holds values beyond the range of {meta['dtype']} (file is corrupt)")
+
+
 def _decode_record(meta_bytes: memoryview, payload: memoryview,
                    expect: Expect | None = None) -> tuple[CompressedTensor, dict[str, int]]:
     meta = _parse_meta(meta_bytes)
@@ -470,6 +488,7 @@ def _decode_record(meta_bytes: memoryview, payload: memoryview,
     if expect is not None:
         expect(meta["name"], tuple(meta["shape"]), meta["dtype"])
     arrays = _decode_streams(meta, payload)
+    _check_finite(meta, arrays)
     non_default = {
         stream["role"]: stream["codec"]
         for stream in meta["streams"]

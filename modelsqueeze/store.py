@@ -359,6 +359,8 @@ def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int
         begin = pos
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
+        if number == 0:  # no message has a field 0: zero bytes are not protobuf (a 3 GB file of them cost minutes)
+            raise _Malformed
         if wire == 0:
             _, pos = _varint(buf, pos, end)
             yield number, wire, begin, pos, pos
@@ -403,14 +405,61 @@ def _strip_tensor(buf, start: int, end: int) -> tuple[bytes, int, int] | None:
     return bytes(buf[start:begin]) + bytes(buf[vend:end]), vstart, vend - vstart
 
 
+_MAX_TOP_FIELDS = 100_000  # a model has a few dozen (opsets, metadata); millions are a walk in Python
+
+
+class NotProtobuf(ValueError):
+    """The bytes are not a protobuf message at all: their top-level fields do not parse (a field
+    number 0, as in a file of zero bytes; a length past the end; a group)."""
+
+
+def check_head(head: bytes, size: int) -> None:
+    """Raise NotProtobuf when the first bytes of a `size`-byte file already show it is not a
+    protobuf message: a field number 0 (a file of zero bytes), a group, a varint too long, a
+    field longer than the file. Only `head` is read, so a huge file costs what it shows."""
+    pos = 0
+    while pos < len(head):
+        begin = pos
+        try:
+            key, pos = _varint(head, pos, len(head))
+        except _Malformed:
+            if len(head) - begin >= 10 or len(head) == size:
+                raise NotProtobuf from None
+            return  # the head ends inside a varint
+        number, wire = key >> 3, key & 7
+        if number == 0 or wire in (3, 4, 6, 7):
+            raise NotProtobuf
+        try:
+            if wire == 0:
+                _, pos = _varint(head, pos, len(head))
+                continue
+            length, pos = (8, pos) if wire == 1 else (4, pos) if wire == 5 else _varint(head, pos, len(head))
+        except _Malformed:
+            if len(head) == size:
+                raise NotProtobuf from None
+            return
+        if pos + length > size:
+            raise NotProtobuf
+        pos += length
+
+
 def split_model_bytes(buf) -> tuple[bytes, list[tuple[int, int, int]]] | None:
     """The serialized model without the raw_data of its main graph's big initializers, and for
     each of them (index among the initializers, offset of its data in `buf`, length). None when
     there is nothing to take out or the bytes are not what this walk expects (the caller then
-    parses the whole file, which gives the proper error)."""
+    parses the whole file, which gives the proper error). Bytes whose top-level fields do not
+    parse raise NotProtobuf: protobuf would refuse them too, so nothing more need be read."""
+    end = len(buf)
+    top = []
     try:
-        end = len(buf)
-        graphs = [f for f in _fields(buf, 0, end) if f[0] == _GRAPH]
+        for field in _fields(buf, 0, end):
+            top.append(field)
+            if len(top) > _MAX_TOP_FIELDS:  # not a model this walk knows: protobuf will tell
+                return None
+    except _Malformed:
+        raise NotProtobuf from None
+    try:
+        graphs = [f for f in top if f[0] == _GRAPH]
         if len(graphs) != 1 or graphs[0][1] != 2:
             return None
         _, _, gbegin, gstart, gend = graphs[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -227,6 +228,96 @@ def test_a_record_transposed_against_its_graph_is_refused_for_every_written_form
     (tmp_path / "out.msq").write_bytes(build(parts, graph_of(data)))
     line = refused("report", out)
     assert "(784, 300) differs from the graph's tensor (300, 784)" in line, line
+
+
+# --- 4. records are checked against the graph: name, shape, dtype, finite values ----------------
+
+def _crafted_pair(tmp_path, mlp_path, command=("cluster", "--bits", "4")) -> tuple[Path, bytes, list]:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    out = folder / "c.onnx"
+    ok(command[0], mlp_path, "-o", out, *command[1:], "--min-params", "0")
+    data = (folder / "c.msq").read_bytes()
+    return out, data, split_records(data)
+
+
+def _with_record(out: Path, data: bytes, parts: list, name: str, change) -> None:
+    index = next(i for i, p in enumerate(parts) if meta_of(p)["name"] == name)
+    parts = list(parts)
+    parts[index] = change(parts[index])
+    out.with_suffix(".msq").write_bytes(build(parts, graph_of(data)))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("../../x", "names no tensor of the graph"),
+    ("a\u0000b", "names no tensor of the graph"),
+    ("nowhere", "names no tensor of the graph"),
+    ("x", "names an input of the graph, not a weight"),
+    ("h", "names a tensor a node of the graph computes, not a weight"),
+])
+@pytest.mark.parametrize("tier", ["pair", "pack"])
+def test_a_record_that_names_no_weight_of_the_graph_is_refused(tmp_path, mlp_path, name, expected, tier):
+    """A record named '../../x', with a NUL, after a graph input or a node's output used to become
+    a dangling initializer of the unpacked model; in a pack (whose weights are deleted) a record
+    must fill a slot some node reads and nothing defines."""
+    out, data, parts = _crafted_pair(tmp_path, mlp_path)
+    if tier == "pack":
+        ship = out.parent / "ship.onnx"
+        ok("pack", out, "-o", ship)
+        out.unlink(), out.with_suffix(".msq").unlink()
+        out, data = ship, ship.with_suffix(".msq").read_bytes()
+        parts = split_records(data)
+    name = name.replace("\\u0000", "\0")
+    _with_record(out, data, parts, "fc1_w", lambda p: with_meta(p, {**meta_of(p), "name": name}))
+    for args in (["report", out], ["unpack", out, "-o", out.parent / "u.onnx"]):
+        line = assert_refused(args, out.parent)
+        assert expected in line, line
+
+
+def test_a_record_of_another_dtype_than_the_graph_is_refused(tmp_path, mlp_path):
+    """float16 or float64 records for a float32 weight gave `unpack` exit 0 and a model that
+    onnxruntime refuses."""
+    out, data, parts = _crafted_pair(tmp_path, mlp_path)
+    for dtype in ("float16", "float64"):
+        _with_record(out, data, parts, "fc1_w", lambda p: with_meta(p, {**meta_of(p), "dtype": dtype}))
+        for args in (["report", out], ["unpack", out, "-o", out.parent / "u.onnx"], ["eval", out, "--random", "4",
+                                                                                      "--reference", mlp_path]):
+            line = assert_refused(args, out.parent)
+            assert f"dtype {dtype} differs from the graph's tensor (float32)" in line, line
+
+
+@pytest.mark.parametrize("command,role", [(("cluster", "--bits", "4"), "codebook"), (("quantize",), "scale")])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_codebooks_and_scales_are_refused(tmp_path, mlp_path, command, role, bad):
+    out, data, parts = _crafted_pair(tmp_path, mlp_path, command)
+    index = next(i for i, p in enumerate(parts) if meta_of(p)["name"] == "fc1_w")
+    meta, payload = meta_of(parts[index]), bytearray(parts[index][1])
+    stream = next(s for s in meta["streams"] if s["role"] == role)
+    assert stream["codec"] == "raw" and stream["dtype"] == "float32", stream
+    payload[stream["offset"]:stream["offset"] + 4] = np.float32(bad).tobytes()
+    _with_record(out, data, parts, "fc1_w", lambda p: (p[0], bytes(payload)))
+    line = assert_refused(["report", out], out.parent)
+    assert f"its {role} holds NaN or infinite values" in line and "fc1_w" in line, line
+
+
+# --- 8. a model file of zero bytes (or any bytes that are not protobuf) is refused at once -------
+
+@pytest.mark.parametrize("fill", ["zeros", "field 0 after a valid field", "a length past the end"])
+def test_a_huge_file_that_is_not_protobuf_is_refused_without_reading_it(tmp_path, fill):
+    """A 3 GB file of zero bytes used to take minutes (the walk over its top-level fields read
+    each zero byte as a field 0, which no message has); now its first field is refused, and only
+    the bytes walked are read (memory-mapped)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    path = folder / "zeros.onnx"
+    with open(path, "wb") as handle:
+        handle.write({"zeros": b"", "field 0 after a valid field": b"\x08\x07", "a length past the end": b"\x3a\xff\xff\xff\xff\x0f"}[fill])
+        handle.truncate(3 << 30)
+    started = time.monotonic()
+    for args in (["report", path], ["cluster", path, "-o", folder / "c.onnx", "--bits", "4"]):
+        line = assert_refused(args, folder, timeout=30)
+        assert "not an ONNX model" in line, line
+    assert time.monotonic() - started < 30
 
 
 # --- 3. special files: never a hang, an endless read or a read of a whole huge file ----------------

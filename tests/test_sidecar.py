@@ -40,6 +40,16 @@ def random_floats(rng: np.random.Generator, count: int, dtype: str) -> np.ndarra
     return rng.integers(0, 256, count * np.dtype(dtype).itemsize, dtype=np.uint8).view(dtype)
 
 
+def finite_floats(rng: np.random.Generator, count: int, dtype: str, within: str) -> np.ndarray:
+    """Random bit patterns of `dtype` that are finite and within the range of `within` (the
+    codebook of a `within` tensor: the decoder refuses NaN, infinities and entries it cannot hold)."""
+    values = random_floats(rng, count, dtype).copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~np.isfinite(values) | (np.abs(values.astype(np.float64)) > np.finfo(within).max)
+    values[bad] = np.asarray(rng.standard_normal(int(bad.sum())), dtype)
+    return values
+
+
 def as_bits(array: np.ndarray) -> np.ndarray:
     return array.view(f"u{array.dtype.itemsize}") if array.dtype.kind == "f" else array
 
@@ -141,7 +151,7 @@ def records(draw, name: str = "w") -> CompressedTensor:
         return CompressedTensor(name, shape, dtype, values=random_floats(rng, n_stored, dtype), positions=positions)
     index_bits = draw(st.one_of(st.integers(1, 8), st.integers(9, 16)))
     n_centroids = draw(st.integers(1, min(1 << index_bits, 300)))
-    codebook = random_floats(rng, n_centroids, draw(st.sampled_from(FLOAT_DTYPES)))
+    codebook = finite_floats(rng, n_centroids, draw(st.sampled_from(FLOAT_DTYPES)), dtype)
     indices = rng.integers(0, n_centroids, n_stored)
     return CompressedTensor(
         name, shape, dtype, codebook=codebook, indices=indices, index_bits=index_bits, positions=positions
