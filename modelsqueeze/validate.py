@@ -314,12 +314,57 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# A member that inflates more than this many times, to more than NPZ_BOMB_BYTES, is a zip bomb:
+# real arrays (images, audio, tokens) deflate 2-20x; only near-constant filler gets near
+# deflate's 1032x ceiling, and there is nothing to calibrate or evaluate in it.
+NPZ_BOMB_RATIO = 100
+NPZ_BOMB_BYTES = 64 << 20
+
+
+def _check_members(handle, path: Path) -> None:
+    """Refuse, from the archive's directory and each member's .npy header (a few hundred bytes
+    each), an .npz whose arrays would not fit in memory, a member that inflates like a zip bomb,
+    or a header declaring more bytes than its member holds. Not a zip archive: np.load says so."""
+    from modelsqueeze.files import memory_bytes
+
+    try:
+        archive = zipfile.ZipFile(handle)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    with archive:
+        members = archive.infolist()
+        total = sum(m.file_size for m in members)
+        if total > memory_bytes():
+            raise ModelSqueezeError(f"{path}: its arrays inflate to {total:,} bytes, more than this machine's "
+                                    f"{memory_bytes():,} bytes of memory")
+        for member in members:
+            key = member.filename.removesuffix(".npy")
+            if member.file_size > NPZ_BOMB_BYTES and member.file_size > NPZ_BOMB_RATIO * max(member.compress_size, 1):
+                raise ModelSqueezeError(f"{path}: member {key!r} inflates {member.compress_size:,} bytes to "
+                                        f"{member.file_size:,} (over {NPZ_BOMB_RATIO}x): refused as a zip bomb")
+            if not member.filename.endswith(".npy"):
+                continue
+            try:
+                with archive.open(member) as npy:
+                    version = np.lib.format.read_magic(npy)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(npy)
+            except Exception:  # not an .npy member: np.load gives the error
+                continue
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > member.file_size:
+                raise ModelSqueezeError(f"{path}: member {key!r} declares a {tuple(shape)} {dtype} array of "
+                                        f"{declared:,} bytes in {member.file_size:,} bytes")
+
+
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if path.is_dir():
         raise ModelSqueezeError(f"{path}: is a directory, expected a .npz file")
     handle = open_input(path, "a .npz file")  # a named pipe or device is refused, never waited on
     try:
+        _check_members(handle, path)
+        handle.seek(0)
         loaded = np.load(handle, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ModelSqueezeError(f"{path}: a single .npy array; expected a .npz archive of named arrays")

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
+import modelsqueeze.errors
 import modelsqueeze.model
 from modelsqueeze import store
 from modelsqueeze.model import graph_hash, load_model
@@ -298,6 +299,65 @@ def test_nan_or_infinite_codebooks_and_scales_are_refused(tmp_path, mlp_path, co
     _with_record(out, data, parts, "fc1_w", lambda p: (p[0], bytes(payload)))
     line = assert_refused(["report", out], out.parent)
     assert f"its {role} holds NaN or infinite values" in line and "fc1_w" in line, line
+
+
+# --- 7. an npz zip bomb is refused from the archive's directory ---------------------------------
+
+def _npz_member(path: Path, name: str, header_shape: tuple, dtype: str, data_bytes: int, compress: bool) -> None:
+    """An .npz whose member `name` has an .npy header declaring `header_shape` and `data_bytes`
+    zero bytes after it, deflated or stored, written a chunk at a time (never whole in memory)."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                  "shape": header_shape})
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            chunk = bytes(16 << 20)
+            for start in range(0, data_bytes, len(chunk)):
+                member.write(chunk[:min(len(chunk), data_bytes - start)])
+
+
+@pytest.mark.parametrize("option", ["eval", "--calibration", "--validate"])
+def test_an_npz_zip_bomb_is_refused_before_it_inflates(tmp_path, mlp_path, option):
+    """A 0.3 MB .npz inflating to 256 MiB of zeros (the issue's was 1.2 MB to 1.25 GB) made `eval`
+    and `--calibration` peak at the inflated size; now the member's sizes in the zip directory
+    refuse it (deflate's ceiling is ~1032x; real arrays deflate 2-20x)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    bomb = folder / "bomb.npz"
+    _npz_member(bomb, "x", (1 << 26,), "<f4", 1 << 28, compress=True)
+    assert bomb.stat().st_size < 1 << 20
+    args = {"eval": ["eval", mlp_path, "--data", bomb],
+            "--calibration": ["prune", mlp_path, "-o", folder / "p.onnx", "--sparsity", "0.5", "--calibration", bomb],
+            "--validate": ["cluster", mlp_path, "-o", folder / "c.onnx", "--bits", "4", "--validate", bomb]}[option]
+    line = assert_refused(args, folder, timeout=60)
+    assert "member 'x' inflates" in line and "zip bomb" in line, line
+
+
+def test_an_npy_header_declaring_more_than_its_member_holds_is_refused(tmp_path, mlp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    liar = folder / "liar.npz"
+    _npz_member(liar, "x", (1 << 40, 16), "<f4", 4096, compress=False)
+    line = assert_refused(["eval", mlp_path, "--data", liar], folder)
+    assert "member 'x' declares a (1099511627776, 16) float32 array" in line, line
+
+
+def test_an_npz_larger_than_memory_is_refused_and_ordinary_compressed_data_loads(tmp_path, monkeypatch):
+    import modelsqueeze.files
+    from modelsqueeze.validate import load_npz
+
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, x=np.zeros((2000, 16), np.float32), y=np.arange(2000) % 3)  # 128 KB of zeros: fine
+    arrays = load_npz(path)
+    assert arrays["x"].shape == (2000, 16) and arrays["y"][:4].tolist() == [0, 1, 2, 0]
+    monkeypatch.setattr(modelsqueeze.files, "memory_bytes", lambda: 100_000)
+    with pytest.raises(modelsqueeze.errors.ModelSqueezeError, match="inflate to 144,256 bytes, more than this machine's 100,000"):
+        load_npz(path)
 
 
 # --- 8. a model file of zero bytes (or any bytes that are not protobuf) is refused at once -------
