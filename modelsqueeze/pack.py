@@ -343,6 +343,20 @@ def load_pair(path: str | Path, sidecar: str | Path | None = None, require_sidec
 MAX_TENSOR_BYTES = 2**36
 
 
+def _input_type(value: onnx.ValueInfoProto) -> tuple[str | None, tuple[int, ...] | None]:
+    """(dtype, static shape) a graph input declares; None where it is not a float tensor of fully
+    static shape."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor.HasField("shape"):
+        return None, None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return None, None
+    return dtype, (dims if all(d >= 0 for d in dims) else None)
+
+
 def _expectation(model: onnx.ModelProto, side: Path):
     """What each record of the sidecar beside `model` must be, checked before its streams are
     decoded (decoding allocates the record's size): a size this machine could hold, and a weight
@@ -356,7 +370,7 @@ def _expectation(model: onnx.ModelProto, side: Path):
         if id(graph) not in facts:
             read = {i for _, g in iter_graphs(graph) for n in g.node for i in n.input}  # outer-scope reads too
             made = {o for n in graph.node for o in n.output}
-            inputs = {v.name for v in graph.input}
+            inputs = {v.name: _input_type(v) for v in graph.input}
             facts[id(graph)] = (forms.declared(graph), read, made, inputs)
         return facts[id(graph)]
 
@@ -376,7 +390,11 @@ def _expectation(model: onnx.ModelProto, side: Path):
             if want_dtype is not None and want_dtype != dtype:
                 raise ModelSqueezeError(f"dtype {dtype} differs from the graph's tensor ({want_dtype})")
         elif name in inputs:
-            raise ModelSqueezeError("names an input of the graph, not a weight")
+            # An initializer listed among the inputs (IR 3 requires it, later exporters still do
+            # it) stays an input in the skeleton; a data input (another type, a dynamic dim) is
+            # no weight.
+            if inputs[name] != (dtype, shape):
+                raise ModelSqueezeError("names an input of the graph, not a weight")
         elif name in made:
             raise ModelSqueezeError("names a tensor a node of the graph computes, not a weight")
         elif name not in read:
