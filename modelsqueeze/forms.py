@@ -86,7 +86,8 @@ def declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (shape, _) in declared(graph).items()}
 
 
-def _dtype_name(data_type: int) -> str | None:
+def dtype_name(data_type: int) -> str | None:
+    """The numpy name of an ONNX element type, or None for one numpy has no dtype for."""
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).name
     except (KeyError, TypeError, ValueError):
@@ -101,8 +102,8 @@ def declared(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], str | N
     possibly through a Cast, and a Cast of any of these)."""
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     shapes.update((t.values.name, tuple(t.dims)) for t in graph.sparse_initializer)
-    dtypes = {t.name: _dtype_name(t.data_type) for t in graph.initializer}
-    dtypes.update((t.values.name, _dtype_name(t.values.data_type)) for t in graph.sparse_initializer)
+    dtypes = {t.name: dtype_name(t.data_type) for t in graph.initializer}
+    dtypes.update((t.values.name, dtype_name(t.values.data_type)) for t in graph.sparse_initializer)
     constants = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1
                  and not store.is_stub(t)}
     producer = {out: node for node in graph.node for out in node.output}
@@ -113,7 +114,7 @@ def declared(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], str | N
         if node.op_type == "Constant":
             value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
             if value is not None:
-                shapes[out], dtypes[out] = tuple(value.dims), _dtype_name(value.data_type)
+                shapes[out], dtypes[out] = tuple(value.dims), dtype_name(value.data_type)
         elif node.op_type == "Reshape" and len(inputs) == 2 and inputs[1] in constants:
             shape = tuple(int(d) for d in numpy_helper.to_array(constants[inputs[1]]))
             if all(d > 0 for d in shape):
@@ -131,7 +132,7 @@ def declared(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], str | N
                 shapes[out], dtypes[out] = shapes[codes], dtypes.get(inputs[0])
         elif node.op_type == "Cast" and inputs and inputs[0] in shapes:
             to = next((a.i for a in node.attribute if a.name == "to"), None)
-            shapes[out], dtypes[out] = shapes[inputs[0]], (_dtype_name(to) if to is not None else None)
+            shapes[out], dtypes[out] = shapes[inputs[0]], (dtype_name(to) if to is not None else None)
     return {name: (shape, dtypes.get(name)) for name, shape in shapes.items()}
 
 

@@ -371,14 +371,18 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+def holds_subgraph(node: onnx.NodeProto) -> bool:
+    """Whether the node carries a subgraph (If branches, Loop/Scan bodies)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
 def pin_labels(model: onnx.ModelProto) -> None:
     """Name each unnamed node that holds a subgraph by the label it has now ("If_2"). The keys of
     the weights inside ("If_2/else_branch/W") come from that label, and the forms this tool puts
     into a graph (and takes out) move nodes: an index-based label would then point elsewhere."""
     for _, graph in iter_graphs(model.graph):
         for index, node in enumerate(graph.node):
-            if not node.name and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                     for a in node.attribute):
+            if not node.name and holds_subgraph(node):
                 node.name = node_name(node, index)
 
 
@@ -388,8 +392,7 @@ def unpin_labels(model: onnx.ModelProto) -> None:
     original's where the tool added nothing before it)."""
     for _, graph in iter_graphs(model.graph):
         for index, node in enumerate(graph.node):
-            if node.name == f"{node.op_type}_{index}" and any(
-                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            if node.name == f"{node.op_type}_{index}" and holds_subgraph(node):
                 node.ClearField("name")
 
 

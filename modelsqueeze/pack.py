@@ -28,6 +28,7 @@ from modelsqueeze.model import (
     check_model_path,
     check_output,
     graph_hash,
+    holds_subgraph,
     iter_graphs,
     load_model,
     model_file_bytes,
@@ -123,17 +124,13 @@ def skeleton(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> onn
     return bare
 
 
-def _holds_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
-
-
 def skeleton_size(model: onnx.ModelProto, records: Iterable[CompressedTensor]) -> int:
     """len(model_to_bytes(skeleton(model, records))), without copying or resolving the model:
     protobuf sizes are computed (ByteSize), the deleted initializers' entries subtracted and each
     stub counted at the size its data gives it. Graphs with subgraphs (records inside them, labels
     to unpin) fall back to building the skeleton."""
     names = [record.name for record in records]
-    if _holds_subgraphs(model.graph) or store.has_stubs_below(model.graph):
+    if any(holds_subgraph(node) for node in model.graph.node) or store.has_stubs_below(model.graph):
         return len(model_to_bytes(skeleton(model, records)))
     graph = model.graph
     owned = forms.owned_initializers(graph, *names)
@@ -350,11 +347,7 @@ def _input_type(value: onnx.ValueInfoProto) -> tuple[str | None, tuple[int, ...]
     if not value.type.HasField("tensor_type") or not tensor.HasField("shape"):
         return None, None
     dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-    except (KeyError, TypeError, ValueError):
-        return None, None
-    return dtype, (dims if all(d >= 0 for d in dims) else None)
+    return forms.dtype_name(tensor.elem_type), (dims if all(d >= 0 for d in dims) else None)
 
 
 def _expectation(model: onnx.ModelProto, side: Path):

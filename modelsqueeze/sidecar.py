@@ -22,7 +22,7 @@ from modelsqueeze.codecs.sparse import smaller_form
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.files import open_input
 from modelsqueeze.kernels.quant import Layout, qrange
-from modelsqueeze.tensor import CompressedTensor
+from modelsqueeze.tensor import FLOAT_DTYPES, CompressedTensor
 
 MAGIC = b"\x89MSQ\r\n\x1a\n"  # PNG-style: catches 7-bit transfers, CRLF/LF conversion and `type` on DOS
 VERSION = 1
@@ -200,10 +200,15 @@ def write_sidecar(handle: BinaryIO, records: Sequence[CompressedTensor], graph_h
             handle.write(chunk)
             sizes[record.name] += len(chunk)
         file_size += sizes[record.name]
-    header = _HEADER.pack(MAGIC, VERSION, len(seen), file_size, bytes(graph_hash), 0, 0)[:-4]
     handle.seek(0)
-    handle.write(header + struct.pack("<I", zlib.crc32(header)))
+    handle.write(_header(len(seen), file_size, graph_hash))
     return sizes
+
+
+def _header(record_count: int, file_size: int, graph_hash: bytes) -> bytes:
+    """The 64-byte header, its CRC-32 last."""
+    header = _HEADER.pack(MAGIC, VERSION, record_count, file_size, bytes(graph_hash), 0, 0)[:-4]
+    return header + struct.pack("<I", zlib.crc32(header))
 
 
 def rebound(header: bytes | memoryview, graph_hash: bytes, source: str = "<sidecar>") -> bytes:
@@ -211,8 +216,7 @@ def rebound(header: bytes | memoryview, graph_hash: bytes, source: str = "<sidec
     _, _, record_count, file_size, _, reserved, crc = _HEADER.unpack(bytes(header[:HEADER_BYTES]))
     if zlib.crc32(bytes(header[: HEADER_BYTES - 4])) != crc or reserved:
         raise SidecarError(f"{source}: header checksum mismatch (file is corrupt)")
-    bound = _HEADER.pack(MAGIC, VERSION, record_count, file_size, bytes(graph_hash), 0, 0)[:-4]
-    return bound + struct.pack("<I", zlib.crc32(bound))
+    return _header(record_count, file_size, graph_hash)
 
 
 def rebind_sidecar(path: str | Path, handle: BinaryIO, graph_hash: bytes) -> int:
@@ -466,7 +470,7 @@ def _check_finite(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """A codebook or a quantization scale holding a NaN or an infinity, or a codebook entry its
     tensor's dtype cannot hold, is corrupt or hostile: no command makes one (tensors holding such
     values are left alone). Raw `values` keep every bit pattern of the tensor they copy."""
-    if meta["dtype"] not in ("float16", "float32", "float64"):
+    if meta["dtype"] not in FLOAT_DTYPES:
         return  # refused by the graph check with its own message
     limit = float(np.finfo(meta["dtype"]).max)
     for role in ("codebook", "scale"):
