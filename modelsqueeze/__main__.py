@@ -1,5 +1,5 @@
 """`python -m modelsqueeze` runs the command-line app."""
 
-from modelsqueeze.cli import main
+from modelsqueeze.entry import main
 
 main()

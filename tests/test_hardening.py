@@ -487,3 +487,40 @@ def test_former_tracebacks_are_one_line(tmp_path, mlp_path, mlp_data):
     entry.value = "e.da\0ta"
     (folder / "e.onnx").write_bytes(raw.SerializeToString())
     assert "NUL byte" in assert_refused(["report", folder / "e.onnx"], folder)
+
+
+# --- 9. small ones -------------------------------------------------------------------------------
+
+# Sends the process SIGINT when onnxruntime starts to import, as a Ctrl-C during start-up would
+# arrive, then runs the console script's entry point.
+_CTRL_C_AT_START_UP = r"""
+import os, signal, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["modelsqueeze", "--help"]
+from modelsqueeze.entry import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_cli_loads_is_exit_130_without_a_traceback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AT_START_UP], cwd=tmp_path, capture_output=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), timeout=120)
+    assert done.returncode == 130, done.stderr.decode()
+    assert b"Traceback" not in done.stderr and b"KeyboardInterrupt" not in done.stderr, done.stderr.decode()
+    assert b"Usage" not in done.stdout  # it was interrupted before the help
+
+
+def test_the_console_script_and_python_m_use_the_guarded_entry_point():
+    from importlib.metadata import entry_points
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "modelsqueeze"]
+    assert script.value == "modelsqueeze.entry:main"
+    from conftest import ROOT
+    assert "from modelsqueeze.entry import main" in (ROOT / "modelsqueeze" / "__main__.py").read_text()
