@@ -340,7 +340,7 @@ def eval_command(
 @app.command(epilog="Examples:  modelsqueeze report small.onnx --baseline sample_models/lenet300.onnx   |   "
              "modelsqueeze report small.onnx --baseline big.onnx --data test.npz --max-drop 1 --min-ratio 10 --max-bytes 100KB   |   "
              "CI size gate: modelsqueeze report small.onnx --data test.npz --baseline-json size.json --max-growth 1% --max-drop 0.5   |   "
-             "modelsqueeze report small.onnx --plot weights.png")
+             "modelsqueeze report small.onnx --plot weights.png   |   quick sizes only: modelsqueeze report small.onnx --no-gzip")
 @handles_errors
 def report(
     model: ModelArg,
@@ -357,6 +357,7 @@ def report(
     max_growth: Annotated[Optional[str], typer.Option("--max-growth", help="Fail (exit 1) if the packed size grew more than this over --baseline-json, e.g. 1% or 0.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write per-layer weight histograms with codebook centroids / quantization grid marked (.png, .svg, .pdf; needs matplotlib).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --plot file.")] = False,
+    gzip_figures: Annotated[bool, typer.Option("--gzip/--no-gzip", help="Measure gzip -9 of the model file, of the pack and of the baseline, for comparison with other tools (one gzip process per file, at the same time; gzip -9 takes up to 0.8 s per MB on repetitive weights). --no-gzip leaves them out (null in --json).")] = True,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="With --data (labels not needed): per tensor, the output SNR and top-1 agreement with that tensor alone quantized to int8 per channel, lowest first (fixed signal-processing bases and sensitive heads show up at the top).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -381,7 +382,7 @@ def report(
         check_output(plot, force, [model, sidecar_path(model)] + ([baseline] if baseline else []))
         plots.require_matplotlib()
     pair = load_pair(model)
-    result = build_report(pair, baseline)
+    result = build_report(pair, baseline, gzip_figures)
     if baseline_json is not None:
         load_previous(result, baseline_json)
     rows = None

@@ -3,6 +3,9 @@ the bytes `pack` writes, and the pack reads back (unpack, eval, any command) as 
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -143,6 +146,30 @@ def test_report_shows_the_runnable_file_its_gzip_and_the_pack(tmp_path):
     assert shipped["gzip_bytes"] == report["gzip_bytes"]  # gzip of the pack as written, from either
     text = invoke("report", ship).output
     assert "pack's skeleton" in text and "unpack" in text
+
+
+def _gzip9(*paths: Path) -> int:
+    return sum(len(subprocess.run(["gzip", "-9", "-n", "-c", str(p)], capture_output=True, check=True).stdout) for p in paths)
+
+
+def test_the_gzip_figures_are_gzip_9_of_each_file_written_and_no_gzip_changes_nothing_else(tmp_path):
+    """The gzip -9 figures (measured at the same time, one process per file) are each file's own
+    `gzip -9`: the model file, the pack's two files as `pack` writes them, the baseline; with
+    --no-gzip they are null and every other figure is the same."""
+    _, out = _chain(SAMPLES / "lenet5.onnx", CHAINS["prune+cluster+huffman"], tmp_path)
+    ship = tmp_path / "ship" / "ship.onnx"
+    ship.parent.mkdir()
+    ok("pack", out, "-o", ship)
+    full = ok("report", out, "--baseline", SAMPLES / "lenet5.onnx")
+    assert full["runnable_gzip_bytes"] == _gzip9(out)
+    assert full["gzip_bytes"] == _gzip9(*ship.parent.iterdir())
+    assert full["baseline_gzip_bytes"] == _gzip9(SAMPLES / "lenet5.onnx")
+    quick = ok("report", out, "--baseline", SAMPLES / "lenet5.onnx", "--no-gzip")
+    gz = ("runnable_gzip_bytes", "gzip_bytes", "baseline_gzip_bytes")
+    assert all(quick[k] is None for k in gz)
+    assert {k: v for k, v in quick.items() if k not in gz} == {k: v for k, v in full.items() if k not in gz}
+    text = invoke("report", out, "--baseline", SAMPLES / "lenet5.onnx", "--no-gzip").output
+    assert "gzip -9" not in text and "packed" in text and "ratio" in text
 
 
 def test_a_pack_of_a_subgraph_model_is_the_printed_size_and_computes_the_same(tmp_path):
