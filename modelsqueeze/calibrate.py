@@ -284,9 +284,12 @@ class _Accumulator:
         ref_chunks = _row_chunks(self.view, reference) if reference is not None else None
         for block in chunks:
             wide = block.astype(np.float64)
-            self.H += wide.T @ wide
-            if ref_chunks is not None:
-                self.C += wide.T @ next(ref_chunks).astype(np.float64)
+            # activations that overflowed float32 make H non-finite: the layer is then left
+            # data-free with a note (Calibrator), not warned about
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.H += wide.T @ wide
+                if ref_chunks is not None:
+                    self.C += wide.T @ next(ref_chunks).astype(np.float64)
             self.count += block.shape[0]
             if self.reservoir is not None:
                 self.reservoir.add(block)

@@ -4,6 +4,7 @@ read only when it is a regular file of the size its header declares."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
@@ -524,3 +525,35 @@ def test_the_console_script_and_python_m_use_the_guarded_entry_point():
     assert script.value == "modelsqueeze.entry:main"
     from conftest import ROOT
     assert "from modelsqueeze.entry import main" in (ROOT / "modelsqueeze" / "__main__.py").read_text()
+
+
+def test_overflowing_weights_and_activations_give_notes_not_numpy_warnings(tmp_path, mlp_data):
+    """Weights near float32's largest value (activations overflow to inf inside the model) and a
+    --threshold past every float32: each command ends with its notes, and no numpy RuntimeWarning
+    is emitted (before, four reached stderr, and svd's activation-aware factors overflowed into a
+    traceback)."""
+    import warnings
+    from conftest import make_mlp
+    model = make_mlp()
+    for t in model.graph.initializer:
+        if t.name.endswith("_w"):
+            a = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array((a / np.abs(a).max() * 3e38).astype(np.float32), t.name))
+    path = tmp_path / "huge.onnx"
+    onnx.save_model(model, str(path))
+    runs = {"prune-threshold": ["prune", "--threshold", "1e308"],
+            "prune": ["prune", "--sparsity", "0.5", "--calibration", mlp_data],
+            "cluster": ["cluster", "--bits", "4", "--calibration", mlp_data],
+            "quantize": ["quantize", "--calibration", mlp_data],
+            "svd": ["svd", "--rank", "4", "--calibration", mlp_data]}
+    for label, argv in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = invoke(*argv, path, "-o", tmp_path / f"{label}.onnx", "--json", "--quiet")
+        assert result.exit_code == 0, (label, result.output, result.stderr)
+        assert not [str(w.message) for w in caught], (label, [f"{w.filename}:{w.lineno} {w.message}" for w in caught])
+        notes = json.loads(result.stdout)["notes"]
+        if label == "svd":
+            assert any("factors overflow float32" in n for n in notes), notes
+        elif label != "prune-threshold":
+            assert any("not finite" in n and "not calibrated" in n for n in notes), notes

@@ -197,7 +197,8 @@ def whitened_svd(W: np.ndarray, H: np.ndarray, rank: int, damp: float = 0.01
     L = np.linalg.cholesky(H + damping(H, damp) * np.eye(K))
     U, S, Vt = np.linalg.svd(L.T @ W, full_matrices=False)
     A = np.linalg.solve(L.T, U[:, :rank] * S[:rank])
-    return A.astype(np.float32), Vt[:rank].astype(np.float32), S * S
+    with np.errstate(over="ignore"):  # weights near float32's largest value: the caller checks
+        return A.astype(np.float32), Vt[:rank].astype(np.float32), S * S
 
 
 def _layer(W, H) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,8 @@ def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
 
 def threshold_mask(weights: np.ndarray, threshold: float) -> np.ndarray:
     """Keep-mask zeroing every weight with |w| < threshold."""
+    if threshold > float(np.finfo(weights.dtype).max):  # above every finite weight (no overflow warning)
+        return ~np.isfinite(weights)
     return np.abs(weights) >= threshold
 
 

@@ -273,9 +273,10 @@ def _whitened_spectrum(data, target: _Target, damp: float) -> np.ndarray:
     return np.asarray(whitened_svd(w, data.H, 1, damp)[2], np.float64)
 
 
-def _whitened(cal: Calibrator, target: _Target, rank: int, current: onnx.ModelProto, notes: list[str]) -> lowrank.Factors:
+def _whitened(cal: Calibrator, target: _Target, rank: int, current: onnx.ModelProto, notes: list[str]) -> lowrank.Factors | None:
     """Activation-aware factors: the rank-r A·B closest to W in the layer's outputs (whitened by the
-    Cholesky factor of XᵀX), in the orientation `target.matrix` uses (Conv: M × C·k)."""
+    Cholesky factor of XᵀX), in the orientation `target.matrix` uses (Conv: M × C·k). None when
+    they or their product do not fit the weight's dtype (weights near its largest value)."""
     from modelsqueeze.kernels.calibrated import refit_masked, whitened_svd
 
     data = cal.layer(target.info.key, current)
@@ -287,7 +288,11 @@ def _whitened(cal: Calibrator, target: _Target, rank: int, current: onnx.ModelPr
     if target.node.op_type == "Conv":  # target.matrix is Wᵀ: W ≈ A B  =>  Wᵀ ≈ Bᵀ Aᵀ
         a, b = b.T, a.T
     dtype = target.matrix.dtype
-    product = a @ b
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = a @ b
+        fits = all(np.all(np.isfinite(x.astype(dtype))) for x in (a, b, product))
+    if not fits:
+        return None
     matrix = target.matrix.astype(np.float64)
     norm = float(np.linalg.norm(matrix)) or 1.0
     spectrum = np.asarray(spectrum, np.float64)
@@ -495,9 +500,11 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     for target, rank, how in track(plan):
         if target.spectrum is None:
             target.spectrum = lowrank.energies(target.matrix)
-        if cal is not None and cal.covers(target.info.key):
-            factors = _whitened(cal, target, rank, out, notes)
-        else:
+        factors = _whitened(cal, target, rank, out, notes) if cal is not None and cal.covers(target.info.key) else None
+        if factors is None:
+            if cal is not None and cal.covers(target.info.key):
+                notes.append(f"{target.info.key}: its activation-aware factors overflow {target.matrix.dtype}; "
+                             f"not calibrated (factored data-free)")
             factors = lowrank.factorize(target.matrix, rank, target.spectrum)
         positions = _output_positions(target, shapes) if target.graph is out.graph else None
         first_w, second_w = _rewrite(out, target, factors, names)
