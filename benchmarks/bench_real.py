@@ -7,7 +7,8 @@ apply, one table per command (`make bench-real`):
   (skeleton + sidecar), checked equal to the figure the command prints;
 - fidelity on the corpus inputs, measured by `modelsqueeze eval OUT --reference ORIGINAL`: the
   headline (first float) output's top-1 agreement (n/a for an output without a class axis) and the
-  lowest SNR over every float output;
+  lowest SNR over every float output (but those whose SNR is no measure of the task, which
+  corpus/tasks.py scores by a task metric instead: swift_f0's pitch);
 - whether OUT.onnx passes onnx's full checker and runs in onnxruntime.
 
 Writes benchmarks/results/real_models.json and real_models.md.
@@ -33,6 +34,8 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "corpus"))
+from tasks import OUTPUTS_NOT_SCORED_BY_SNR, task_metrics  # noqa: E402
 MSQ = [sys.executable, "-m", "modelsqueeze"]
 
 # (table, the command's arguments): the settings a user would try first.
@@ -68,9 +71,38 @@ def _fidelity(out: Path, original: Path, data: Path) -> dict:
     result = json.loads(done.stdout)
     outputs = result.get("fidelity_per_output", {result["headline_output"]: result["fidelity"]})
     session_types = _float_outputs(original)
-    snrs = [f["snr_db"] if f["snr_db"] is not None else float("inf") for name, f in outputs.items() if name in session_types]
-    return {"runs": True, "headline_output": result["headline_output"],
-            "top1_agreement": result["fidelity"]["top1_agreement"], "min_snr_db": min(snrs) if snrs else None}
+    unscored = OUTPUTS_NOT_SCORED_BY_SNR.get(original.stem, {})
+    snrs = [f["snr_db"] if f["snr_db"] is not None else float("inf") for name, f in outputs.items()
+            if name in session_types and name not in unscored]
+    row = {"runs": True, "headline_output": result["headline_output"],
+           "top1_agreement": result["fidelity"]["top1_agreement"], "min_snr_db": min(snrs) if snrs else None}
+    if unscored:
+        row["task"] = task_metrics(original.stem, _outputs(original, data), _outputs(out, data))
+    return row
+
+
+def _outputs(path: Path, data: Path) -> list[list[np.ndarray]]:
+    """onnxruntime's outputs per run, fed as corpus/models.toml's layout says (0-d inputs whole)."""
+    import onnxruntime as ort
+
+    layout = _layouts().get(data.stem, "batch")  # data is corpus/models/<id>.npz
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with np.load(data) as arrays:
+        feeds = {i.name: arrays[i.name] for i in session.get_inputs()}
+    if layout != "per-sample":
+        return [session.run(None, feeds)]
+    n = next(v for v in feeds.values() if v.ndim).shape[0]
+    return [session.run(None, {k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()}) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _layouts() -> dict[str, str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    entries = tomllib.loads((ROOT / "corpus" / "models.toml").read_text(encoding="utf-8"))["model"]
+    return {e["id"]: e.get("layout", "batch") for e in entries}
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,22 +181,25 @@ def markdown(results: dict) -> str:
              "`make corpus` (corpus/models.toml). Runs-as: original file bytes / OUT.onnx bytes (the file that "
              "runs in onnxruntime). Pack: original / the bytes `modelsqueeze pack` writes (equal to the printed packed size: checked). Agreement: top-1 "
              "agreement of the headline float output (n/a: no class axis). SNR: the lowest over every float "
-             "output, against the original on the corpus inputs.", ""]
+             "output, against the original on the corpus inputs (swift_f0: but `pitch`, which is arbitrary on unvoiced "
+             "frames; its task metric instead: voiced frames whose pitch stays within 50 cents / frames whose voicing "
+             "is unchanged, corpus/tasks.py).", ""]
     for table in [name for name, _ in COMMANDS] + PEERS:
-        lines += [f"## {table}", "", "| model | runs-as | pack | agreement | min SNR | checker | runs | s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {table}", "", "| model | runs-as | pack | agreement | min SNR | task | checker | runs | s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for model, rows in results["models"].items():
             row = rows.get(table)
             if row is None:
                 continue
             original = results["original_bytes"][model]
             if row["exit_code"] != 0:
-                lines.append(f"| {model} | refused: {row['error'][:80]} | | | | | | {row['seconds']:.1f} |")
+                lines.append(f"| {model} | refused: {row['error'][:80]} | | | | | | | {row['seconds']:.1f} |")
                 continue
             agreement = row.get("top1_agreement")
             lines.append(
                 f"| {model} | {_fmt_ratio(original, row['onnx_bytes'])} | {_fmt_ratio(row.get('packed_before', original), row['packed_bytes'])} | "
                 f"{'n/a' if agreement is None else f'{100 * agreement:.1f}%'} | {_fmt_snr(row.get('min_snr_db'))} | "
+                f"{' / '.join(f'{100 * v:.1f}%' for v in row.get('task', {}).values()) or '-'} | "
                 f"{'yes' if row['checker'] else 'NO'} | {'yes' if row.get('runs') else 'NO'} | {row['seconds']:.1f} |")
         lines.append("")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ project's venv); corpus/fetch.py does not import this.
 Feature names (the vocabulary of models.toml):
   constant_weights  a Constant node (any graph level) holds a float tensor of >= 16 elements
   if_outer_scope    an If/Loop/Scan body reads a name defined outside it (an initializer or value)
+  loop_carried_weights  a float initializer of >= 16 elements enters a Loop as a loop-carried value
+                    that the body passes on unchanged (tf2onnx's Keras LSTM while-loop)
   lstm, gru, rnn    the fused recurrent op is in the graph
   unrolled_rnn      recurrent gates written out as MatMul/Gemm + Sigmoid/Tanh + Split (Keras exporters,
                     PyTorch's export of an LSTMCell loop)
@@ -133,6 +135,21 @@ def measure(path: str | Path) -> dict:
             if refs:
                 features.add("if_outer_scope")
 
+    for n, _, _ in nodes:
+        body = next((a.g for a in n.attribute if n.op_type == "Loop" and a.name == "body"), None)
+        if body is None:
+            continue
+        copies = {m.output[0]: m.input[0] for m in body.node if m.op_type == "Identity"}
+        for c, name in enumerate(n.input[2:]):
+            t = inits.get(name)
+            if t is None or t.data_type not in FLOAT_TYPES or int(np.prod(t.dims or [1])) < 16:
+                continue
+            if 2 + c < len(body.input) and 1 + c < len(body.output):
+                out = body.output[1 + c].name
+                out = copies.get(out, out)
+                if out == body.input[2 + c].name:
+                    features.add("loop_carried_weights")
+
     for op, feat in (("LSTM", "lstm"), ("GRU", "gru"), ("RNN", "rnn"), ("DynamicQuantizeLSTM", "lstm")):
         if ops.get(op):
             features.add(feat)
@@ -181,8 +198,8 @@ def measure(path: str | Path) -> dict:
             consumers[x].append((n, k))
 
     def _same_shape(a: list, b: list) -> bool:  # the leading (batch) axis may differ: 1 vs "N"
-        return len(a) == len(b) and all((x == y) if isinstance(x, int) and isinstance(y, int)
-                                        else not isinstance(x, int) and not isinstance(y, int) for x, y in zip(a[1:], b[1:]))
+        # past it, equal sizes or the same symbolic name ([1, samples] audio is no [1, frames] state)
+        return len(a) == len(b) and all(x == y for x, y in zip(a[1:], b[1:]))
 
     def _feeds_rnn_state(name: str) -> bool:
         frontier = [name]

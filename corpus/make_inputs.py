@@ -402,6 +402,53 @@ def captcha_crnn(rng, spec):
     return {"image": np.stack([colour_captcha(rng) for _ in range(8)])}
 
 
+# chars2vec: lower-case words, one-hot over the 59 characters of the package's model.pkl (its
+# char_to_ix, in index order), zero rows for other characters, padded to the longest word.
+CHARS2VEC_CHARS = "!\"#$%&'()*+,-./0123456789:;<=>?@_abcdefghijklmnopqrstuvwxyz"
+ENGLISH_WORDS = (
+    "compression network weight sharing pruning quantize huffman codebook model tensor graph runtime "
+    "apple banana orange keyboard mouse window river mountain ocean forest yesterday tomorrow "
+    "beautiful quickly jumped running happiness friendship understanding e-mail don't 2024 covid-19 "
+    "hello world python snake cat dog house garden teacher student library computer science music "
+    "singer guitar piano violin coffee tea breakfast dinner travel airport station bicycle "
+    "misspeled recieve definately accomodate teh"
+).split()
+
+
+def chars2vec_en300(rng, spec):
+    (name, dtype, dims), = spec
+    assert len(CHARS2VEC_CHARS) == dims[2] == 59
+    index = {c: i for i, c in enumerate(CHARS2VEC_CHARS)}
+    words = [ENGLISH_WORDS[i] for i in rng.permutation(len(ENGLISH_WORDS))[:64]]
+    out = np.zeros((len(words), max(map(len, words)), dims[2]), dtype)
+    for i, word in enumerate(words):
+        for t, ch in enumerate(word.lower()):
+            if ch in index:
+                out[i, t, index[ch]] = 1
+    return {name: out}
+
+
+def swift_f0(rng, spec):
+    """8 clips of 1 s at 16 kHz: two or three harmonic notes (80-800 Hz, vibrato) with pauses and
+    noise; fmin/fmax the package's defaults (its FMIN/FMAX), fed whole to every run."""
+    sr, n = 16000, 16000
+    t = np.arange(n) / sr
+    clips = []
+    for _ in range(8):
+        x = np.zeros(n)
+        edges = np.sort(rng.choice(np.arange(1600, n - 1600, 800), size=4, replace=False))
+        for start, stop in zip(np.r_[0, edges[1::2]], np.r_[edges[0::2], n]):
+            f0 = float(np.exp(rng.uniform(np.log(80), np.log(800))))
+            phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.01 * np.sin(2 * np.pi * 5 * t))) / sr
+            note = sum(np.sin(k * phase) * 0.5 ** (k - 1) for k in range(1, 7) if k * f0 < sr / 2)
+            ramp = np.clip(np.minimum(t - t[start], t[stop - 1] - t) * 50, 0, 1)
+            x[start:stop] += (note * ramp)[start:stop]
+        x += rng.normal(0, 0.005, n)
+        clips.append(0.5 * x / np.abs(x).max())
+    return {"audio": np.stack(clips).astype(np.float32),
+            "fmin": np.array(46.875, np.float32), "fmax": np.array(2093.75, np.float32)}
+
+
 # ----------------------------------------------------------------------------- generic fallback
 
 _CURRENT = {}
@@ -470,8 +517,9 @@ def run_original(path: Path, feeds: dict, layout: str) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if layout == "per-sample":
-        n = next(iter(feeds.values())).shape[0]
-        runs = [session.run(None, {k: feeds[k][i:i + 1] for k in names}) for i in range(n)]
+        n = next(v for v in feeds.values() if v.ndim).shape[0]
+        # 0-d inputs (swift_f0's fmin/fmax) are no samples: fed whole to every run
+        runs = [session.run(None, {k: feeds[k][i:i + 1] if feeds[k].ndim else feeds[k] for k in names}) for i in range(n)]
         return [np.concatenate([r[j] for r in runs]) for j in range(len(runs[0]))]
     return session.run(None, {k: feeds[k] for k in names})
 

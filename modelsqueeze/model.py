@@ -479,10 +479,11 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     found: dict[str, WeightInfo] = {}
     uses: dict[str, list[tuple[onnx.NodeProto, str, int, tuple[str, ...], tuple[int | None, ...] | None]]] = {}
 
-    def walk(graph: onnx.GraphProto, path: str, scope: dict[str, object], ints: dict[str, list[int]]) -> None:
+    def walk(graph: onnx.GraphProto, path: str, scope: dict[str, object], ints: dict[str, list[int]],
+             bound: dict[str, list[_Alias]] | None = None) -> None:
         scope, ints = dict(scope), dict(ints)
         for inp in graph.input:
-            scope[inp.name] = None
+            scope[inp.name] = (bound or {}).get(inp.name)
             ints.pop(inp.name, None)
         for tensor in graph.initializer:
             _add(found, tensor.name, path, "initializer", tensor)
@@ -498,6 +499,8 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
             passes_on = node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_ONLY_INPUTS
             data_inputs = _SHAPE_ONLY_INPUTS.get(node.op_type) if passes_on else ()
             carried: list[_Alias] = []
+            into_body = _loop_invariants(node)
+            bound: dict[str, list[_Alias]] = {}
             for i, name in enumerate(node.input):
                 target = scope.get(name)
                 if target is None:
@@ -507,7 +510,9 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
                 for alias in aliases:
                     if alias is None:
                         continue
-                    if passes_on and (data_inputs is None or i in data_inputs):
+                    if i in into_body:  # the body reads it unchanged every iteration: its readers there use it
+                        bound.setdefault(into_body[i], []).append(_Alias(alias.key, alias.via + ("Loop",), alias.axes))
+                    elif passes_on and (data_inputs is None or i in data_inputs):
                         mapped = _through(node, alias.axes, ints)
                         carried.append(_Alias(alias.key, alias.via + (node.op_type,), mapped if mapped is not None else ()))
                     else:
@@ -516,7 +521,7 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
                 subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for j, sub in enumerate(subs):
                     sub_label = f"{label}/{attr.name}" + (f"[{j}]" if len(subs) > 1 else "")
-                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope, ints)
+                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope, ints, bound if node.op_type == "Loop" else None)
             const = _constant_tensor(node)
             for out in node.output:
                 scope[out] = carried or None
@@ -548,6 +553,34 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
         info.channel_axis, info.reduction_axis = channel_axis, reduction_axis
         weights.append(info)
     return weights
+
+
+def _loop_invariants(node: onnx.NodeProto) -> dict[int, str]:
+    """For a Loop, its loop-carried inputs that the body passes on unchanged (as the body output
+    of the same position, directly or through Identity): input index -> the body input's name.
+    tf2onnx feeds a Keras LSTM's weights to its while-loop this way, so the body's MatMuls are
+    their real readers."""
+    if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
+        return {}
+    body = next((a.g for a in node.attribute if a.name == "body" and a.type == onnx.AttributeProto.GRAPH), None)
+    if body is None:
+        return {}
+    copies = {n.output[0]: n.input[0] for n in body.node if n.op_type == "Identity" and n.input and n.output}
+    found = {}
+    # Loop inputs: M, cond, then the carried values; body inputs: iteration, cond, carried;
+    # body outputs: cond, carried, then scan outputs.
+    for c in range(min(len(node.input), len(body.input)) - 2):
+        name = body.input[2 + c].name
+        if 1 + c >= len(body.output) or not name:
+            continue
+        out = body.output[1 + c].name
+        for _ in range(len(copies) + 1):
+            if out == name or out not in copies:
+                break
+            out = copies[out]
+        if out == name:
+            found[2 + c] = name
+    return found
 
 
 def _key(path: str, name: str) -> str:

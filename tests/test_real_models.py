@@ -86,6 +86,82 @@ def test_a_reordered_lstm_weight_is_compressed_and_the_output_computes_with_it(t
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+# tf2onnx's Keras LSTM: a while-loop whose weights enter as loop-carried values that the body
+# passes on unchanged (W directly, U through Identity); the body's MatMuls read them. S is carried
+# too but the body changes it (a state), so it is not a weight.
+LOOP_UNITS = 40
+
+
+def carried_loop(seed: int = 0) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+    n = LOOP_UNITS
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["hw"]),
+         helper.make_node("MatMul", ["hw", "u_in"], ["hu"]),
+         helper.make_node("Add", ["hu", "s_in"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("Mul", ["s_in", "half"], ["s_out"]),
+         helper.make_node("Identity", ["u_in"], ["u_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", n]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("u_in", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", n]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("u_out", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [n])],
+        [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
+    rng = np.random.default_rng(seed)
+    inits = [onnx.numpy_helper.from_array(a, k) for k, a in {
+        "W": (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32),
+        "U": (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32),
+        "S": rng.standard_normal(n).astype(np.float32) * 0.1, "M": np.array(3, np.int64)}.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "", "x", "W", "U", "S"], ["h", "w_last", "u_last", "s_last"], body=body)],
+        "carried", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_weights_a_loop_carries_unchanged_are_read_by_the_body_nodes():
+    infos = {i.name: i for i in find_weights(carried_loop())}
+    for name, index in (("W", 1), ("U", 1)):
+        info = infos[name]
+        assert info.role == "weight", (name, info.consumers)
+        assert [(c.op, c.input_index, c.via) for c in info.consumers] == [("MatMul", index, "Loop")]
+        assert info.consumers[0].node.startswith("Loop")  # the body's node, qualified by the Loop
+        assert (info.channel_axis, info.reduction_axis) == (1, 0), name
+    # a loop-carried state the body changes is the Loop's input, not a weight
+    assert infos["S"].role == "other" and [c.op for c in infos["S"].consumers] == ["Loop"]
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["cluster", "--bits", "6"], ["prune", "--sparsity", "0.5"]])
+def test_loop_carried_weights_are_compressed_and_the_output_computes_with_them(tmp_path, command):
+    source, out = tmp_path / "loop.onnx", tmp_path / "out.onnx"
+    onnx.save_model(carried_loop(), str(source))
+    result = ok(command[0], source, "-o", out, *command[1:])
+    assert {t["name"] for t in result["tensors"]} == {"W", "U"}, result["tensors"]
+    pair = load_pair(out)
+    assert set(pair.records) == {"W", "U"}
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(1).standard_normal((6, LOOP_UNITS)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    dense = onnx.load(str(source))
+    weights = {t.name: store.to_array(t) for t in pair.model.graph.initializer}
+    assert not np.array_equal(weights["W"], store.to_array(dense.graph.initializer[0]))
+    for tensor in dense.graph.initializer:
+        if tensor.name in ("W", "U"):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(weights[tensor.name], tensor.name))
+    want = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_report_says_which_tensors_are_left_out_and_their_share_of_the_bytes(tmp_path):
     source = tmp_path / "lstm.onnx"
     onnx.save_model(reordered_lstm(), str(source))
