@@ -35,6 +35,8 @@ import onnx
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "corpus"))
+from fetch import load_manifest  # noqa: E402
+from make_inputs import run_original  # noqa: E402
 from tasks import OUTPUTS_NOT_SCORED_BY_SNR, task_metrics  # noqa: E402
 MSQ = [sys.executable, "-m", "modelsqueeze"]
 
@@ -77,32 +79,26 @@ def _fidelity(out: Path, original: Path, data: Path) -> dict:
     row = {"runs": True, "headline_output": result["headline_output"],
            "top1_agreement": result["fidelity"]["top1_agreement"], "min_snr_db": min(snrs) if snrs else None}
     if unscored:
-        row["task"] = task_metrics(original.stem, _outputs(original, data), _outputs(out, data))
+        row["task"] = task_metrics(original.stem, [_outputs(original, data)], [_outputs(out, data)])
     return row
 
 
-def _outputs(path: Path, data: Path) -> list[list[np.ndarray]]:
-    """onnxruntime's outputs per run, fed as corpus/models.toml's layout says (0-d inputs whole)."""
-    import onnxruntime as ort
-
-    layout = _layouts().get(data.stem, "batch")  # data is corpus/models/<id>.npz
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with np.load(data) as arrays:
-        feeds = {i.name: arrays[i.name] for i in session.get_inputs()}
-    if layout != "per-sample":
-        return [session.run(None, feeds)]
-    n = next(v for v in feeds.values() if v.ndim).shape[0]
-    return [session.run(None, {k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()}) for i in range(n)]
+def _outputs(path: Path, data: Path) -> tuple[np.ndarray, ...]:
+    """onnxruntime's outputs on the corpus data, fed as corpus/models.toml's layout says (make_inputs'
+    own feeding: per sample, 0-d inputs whole); the original's are computed once."""
+    return _original_outputs(path, data) if path.parent == data.parent else _run(path, data)
 
 
 @functools.lru_cache(maxsize=None)
-def _layouts() -> dict[str, str]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        from pip._vendor import tomli as tomllib
-    entries = tomllib.loads((ROOT / "corpus" / "models.toml").read_text(encoding="utf-8"))["model"]
-    return {e["id"]: e.get("layout", "batch") for e in entries}
+def _original_outputs(path: Path, data: Path) -> tuple[np.ndarray, ...]:
+    return _run(path, data)
+
+
+def _run(path: Path, data: Path) -> tuple[np.ndarray, ...]:
+    layout = next((e.get("layout", "batch") for e in load_manifest() if e["id"] == data.stem), "batch")
+    with np.load(data) as arrays:
+        feeds = {k: arrays[k] for k in arrays.files}
+    return tuple(run_original(path, feeds, layout))
 
 
 @functools.lru_cache(maxsize=None)

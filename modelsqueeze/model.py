@@ -521,7 +521,7 @@ def find_weights(model: onnx.ModelProto) -> list[WeightInfo]:
                 subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for j, sub in enumerate(subs):
                     sub_label = f"{label}/{attr.name}" + (f"[{j}]" if len(subs) > 1 else "")
-                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope, ints, bound if node.op_type == "Loop" else None)
+                    walk(sub, f"{path}/{sub_label}" if path else sub_label, scope, ints, bound)  # bound: a Loop's only
             const = _constant_tensor(node)
             for out in node.output:
                 scope[out] = carried or None

@@ -221,24 +221,23 @@ def build_report(pair: Pair, baseline: Path | None = None, gzip_figures: bool = 
     records = list(pair.records.values())
     side_bytes = pair.sidecar_path.stat().st_size if pair.sidecar_path else 0
     runnable = read_input(pair.path, "an .onnx file")
-    pack_files: list[bytes] = [runnable]
+    gzipped = [[runnable]]  # each file gzipped on its own: the runnable file, the pack's, the baseline
     if pair.sidecar:
         # The pack as `write_pack` writes it: the skeleton, and the sidecar bound to it.
         model = skeleton(pair.model, records)
         bare = model_to_bytes(model)
         side_data = read_input(pair.sidecar_path, "a sidecar file")
         side_data = rebound(side_data[:HEADER_BYTES], graph_hash(model), str(pair.sidecar_path)) + side_data[HEADER_BYTES:]
-        packed, pack_files = len(bare) + side_bytes, [bare, side_data]
+        packed = len(bare) + side_bytes
+        gzipped.append([bare, side_data])
         onnx_bytes = len(runnable)
     else:
         onnx_bytes = model_file_bytes(pair.path)
         packed = onnx_bytes
-    base_file = None
     if baseline is not None:
         load_model(baseline)  # a bad baseline is reported like any bad model
-        base_file = read_input(baseline, "an .onnx file")
-    groups = [[runnable]] + ([pack_files] if pair.sidecar else []) + ([[base_file]] if base_file is not None else [])
-    sizes: list[int | None] = _gzip_sizes(groups) if gzip_figures else [None] * len(groups)
+        gzipped.append([read_input(baseline, "an .onnx file")])
+    sizes: list[int | None] = _gzip_sizes(gzipped) if gzip_figures else [None] * len(gzipped)
     runnable_gz = sizes[0]
     gz = sizes[1] if pair.sidecar else runnable_gz
     report = Report(

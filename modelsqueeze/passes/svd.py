@@ -500,9 +500,10 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     for target, rank, how in track(plan):
         if target.spectrum is None:
             target.spectrum = lowrank.energies(target.matrix)
-        factors = _whitened(cal, target, rank, out, notes) if cal is not None and cal.covers(target.info.key) else None
+        calibrated = cal is not None and cal.covers(target.info.key)
+        factors = _whitened(cal, target, rank, out, notes) if calibrated else None
         if factors is None:
-            if cal is not None and cal.covers(target.info.key):
+            if calibrated:
                 notes.append(f"{target.info.key}: its activation-aware factors overflow {target.matrix.dtype}; "
                              f"not calibrated (factored data-free)")
             factors = lowrank.factorize(target.matrix, rank, target.spectrum)
