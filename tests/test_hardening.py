@@ -557,3 +557,26 @@ def test_overflowing_weights_and_activations_give_notes_not_numpy_warnings(tmp_p
             assert any("factors overflow float32" in n for n in notes), notes
         elif label != "prune-threshold":
             assert any("not finite" in n and "not calibrated" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("argv, glob", [
+    (["prune", "--sparsity", "nomatch*=0.5"], "--sparsity 'nomatch*=0.5'"),
+    (["prune", "--threshold", "fc9*=0.1,0.01"], "--threshold 'fc9*=0.1'"),
+    (["cluster", "--bits", "nomatch*=3"], "--bits 'nomatch*=3'"),
+    (["quantize", "--bits", "conv*=4,8"], "--bits 'conv*=4'"),
+    (["svd", "--rank", "nomatch*=2"], "--rank 'nomatch*=2'"),
+    (["prune", "--sparsity", "fc2*=0.5", "--layers", "fc1*"], "--sparsity 'fc2*=0.5'"),  # --layers left it out
+])
+def test_a_per_layer_rule_that_matches_nothing_says_so(tmp_path, mlp_path, argv, glob):
+    """`--sparsity 'nomatch*=0.5'` exited 0 and pruned nothing without a word (issue 22 class 9)."""
+    notes = ok(*argv, mlp_path, "-o", tmp_path / "out.onnx")["notes"]
+    assert f"{glob}: it matches no selected tensor or consuming node (`report` lists the names); it changes nothing" in notes, notes
+
+
+def test_a_glob_shadowed_by_an_earlier_one_says_so_and_a_used_one_says_nothing(tmp_path, mlp_path):
+    notes = ok("prune", "--sparsity", "fc*=0.5,fc2*=0.7,fc1*=0.6", mlp_path, "-o", tmp_path / "out.onnx")["notes"]
+    shadowed = [n for n in notes if "changes nothing" in n]
+    assert shadowed == ["--sparsity 'fc2*=0.7': every tensor it matches takes an earlier glob's value; it changes nothing",
+                        "--sparsity 'fc1*=0.6': every tensor it matches takes an earlier glob's value; it changes nothing"]
+    assert not [n for n in ok("prune", "--sparsity", "fc1*=0.5,fc2*=0.7", mlp_path, "-o", tmp_path / "b.onnx")["notes"]
+                if "changes nothing" in n]

@@ -219,6 +219,28 @@ class LayerRule:
                 return value, True
         return self.default, False
 
+    def unused_notes(self, infos: list[WeightInfo], option: str) -> list[str]:
+        """A note for each `glob=value` that gives no tensor of `infos` its value: one matching
+        none of them (a typo, or a tensor --layers/--exclude left out), or one whose every match
+        an earlier glob claims. Without the note such a rule changes nothing in silence."""
+        hits = [False] * len(self.overrides)
+        wins = [False] * len(self.overrides)
+        for info in infos:
+            names = tensor_names(info)
+            won = False
+            for i, (glob, _) in enumerate(self.overrides):
+                if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                    hits[i] = True
+                    wins[i] = wins[i] or not won
+                    won = True
+        notes = []
+        for (glob, value), hit, win in zip(self.overrides, hits, wins):
+            if not win:
+                why = ("every tensor it matches takes an earlier glob's value" if hit else
+                       "it matches no selected tensor or consuming node (`report` lists the names)")
+                notes.append(f"{option} '{glob}={value:g}': {why}; it changes nothing")
+        return notes
+
 
 @dataclass
 class PassResult:

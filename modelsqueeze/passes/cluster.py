@@ -169,6 +169,7 @@ def cluster(model: onnx.ModelProto, records: dict[str, CompressedTensor], config
     notes: list[str] = []
     out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
+    notes += config.rule.unused_notes(selected, "--bits")
     chosen = []  # (info, k); each tensor's values are read when it is clustered, not all at once
     for info in selected:
         value, _ = config.rule.lookup(info)

@@ -88,6 +88,9 @@ def _mask_stream(
     the array a tensor is ranked by; one tensor is loaded at a time (a global criterion first
     streams over the tensors it covers)."""
     rule = config.sparsity or config.threshold or config.std_scale
+    if config.nm is None:
+        option = "--sparsity" if config.sparsity is not None else "--threshold" if config.threshold is not None else "--std-scale"
+        notes += rule.unused_notes(infos, option)
     plan: list[tuple[WeightInfo, float | None, bool]] = []  # (tensor, its value, under one global criterion)
     for info in infos:
         value, overridden = (None, False) if config.nm is not None else rule.lookup(info)

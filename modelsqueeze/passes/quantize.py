@@ -192,6 +192,7 @@ def quantize(model: onnx.ModelProto, records: dict[str, CompressedTensor], confi
     notes: list[str] = []
     out, selected = config.selection.start(model, notes)
     selected = finite_only(selected, notes)
+    notes += config.bits.unused_notes(selected, "--bits")
     cal = Calibrator.create(config, model, [i for i in selected if config.bits.lookup(i)[0] is not None], notes)
     if any(config.bits.lookup(info)[0] is not None for info in selected):
         out = _upgrade(out, config.needed_opset, notes)

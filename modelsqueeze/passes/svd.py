@@ -452,6 +452,10 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     if not selected:
         raise nothing_selected(out)
     selected = finite_only(selected, notes)
+    for rule, option in ((config.rank, "--rank"), (config.energy, "--energy"), (config.ratio, "--ratio"),
+                         (config.max_error, "--max-error")):
+        if rule is not None:
+            notes += rule.unused_notes(selected, option)
     targets: list[_Target] = []
     for info in selected:
         found = _target(out, info)
