@@ -481,6 +481,8 @@ def _transform(
     before_rows = {key: (list(w.shape), _zero_fraction(w.array())) for key, w in before.items()}
     before_size = packed_size(pair)
     runnable_before = model_file_bytes(pair.path) if pair.runs else None
+    # Weights also listed among the graph inputs (old exporters list every initializer there).
+    mirrored = {v.name for v in pair.model.graph.input} & {t.name for t in pair.model.graph.initializer}
     inputs = {"model": pair.model, "records": pair.records}
     del pair, before
     with step_progress(f"{command} {model.name}", len(steps), quiet) as (on_step, on_tensor), watching(on_tensor), \
@@ -506,8 +508,14 @@ def _transform(
     # The summary describes the pair as written from the model and records just written (not a
     # reload: that would hold every decoded record of a huge model at once).
     changed = list(dict.fromkeys(key for o in outcomes for key in o.changed))
+    notes = [n for o in outcomes for n in o.notes]
+    if dropped := sorted(mirrored & set(records)):
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        notes.append(f"{shown}: also listed among the graph inputs (an overridable default value, as older exporters "
+                     f"list every weight); stored compressed, {'it is' if len(dropped) == 1 else 'they are'} "
+                     f"no longer an input of the output")
     summary.update(
-        tensors=_step_rows(before_rows, final, record_bytes, changed), notes=[n for o in outcomes for n in o.notes],
+        tensors=_step_rows(before_rows, final, record_bytes, changed), notes=notes,
         packed_bytes_before=before_size,
         packed_bytes_after=(skeleton_size(final, records.values()) + sidecar_path(output).stat().st_size
                             if records else model_file_bytes(output)),
@@ -911,6 +919,11 @@ def run_recipe(
         raise ModelSqueezeError(f"{recipe_path}: no `output` in the recipe; give --output OUT.onnx")
     if recipe_path.resolve() in (Path(out_path).resolve(), sidecar_path(out_path).resolve()):
         raise ModelSqueezeError(f"{out_path}: would overwrite the recipe {recipe_path}")
+    folder = recipe_path.resolve().parent
+    if output is None and not quiet and not Path(out_path).resolve().is_relative_to(folder):
+        # Allowed (a recipe may keep its outputs elsewhere), but a recipe from someone else should not write there unseen.
+        err.print(f"note: {escape(str(recipe_path))}: writes {escape(str(out_path))}, outside the recipe's folder "
+                  f"{escape(str(folder))} (-o overrides)", highlight=False)
     validate = validate or recipe.validate
     max_drop = max_drop if max_drop is not None else recipe.max_drop
     if max_drop is not None and validate is None and recipe.max_drop is not None:

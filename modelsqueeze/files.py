@@ -1,18 +1,42 @@
 """Opening the files a command reads: regular files only, opened without blocking and sized
 before they are read, so a named pipe, a device or a huge sparse file is one clear error (never a
-hang, an endless read or gigabytes of memory)."""
+hang, an endless read or gigabytes of memory). And naming the output in a failed write."""
 
 from __future__ import annotations
 
 import os
 import stat
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from modelsqueeze.errors import ModelSqueezeError
 
 _KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+_writing: ContextVar[Path | None] = ContextVar("writing", default=None)
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str = "it") -> Iterator[None]:
+    """An OSError of the writes inside (a full disk, a quota: the OS names no file, or names a
+    staging file) becomes one error naming `path`, the output the user asked for. Nested uses
+    name the outermost output. Writes are staged and renamed, so the previous file stays."""
+    if _writing.get() is not None:
+        yield
+        return
+    token = _writing.set(Path(path))
+    try:
+        yield
+    except BrokenPipeError:  # stdout closed: the CLI ends quietly, as Unix tools do
+        raise
+    except OSError as exc:
+        raise ModelSqueezeError(f"{path}: cannot write {what}: {exc.strerror or exc} (nothing was replaced)") from None
+    finally:
+        _writing.reset(token)
 
 
 def kind_of(mode: int) -> str:

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from modelsqueeze import store
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.files import check_regular, kind_of, open_input, read_input
+from modelsqueeze.files import check_regular, kind_of, open_input, read_input, writing
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with some headroom.
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
@@ -278,7 +278,8 @@ def _check_with_stubs(model: onnx.ModelProto, full: bool) -> None:
     in a sparse file (nothing read, nothing in memory) beside a copy of the graph in a temporary
     folder, and the checker is given that file (so it resolves them there: no change of the
     process's working folder)."""
-    with tempfile.TemporaryDirectory(prefix="modelsqueeze-check-") as folder:
+    with writing(tempfile.gettempdir(), "a temporary copy of the model for onnx's checker"), \
+            tempfile.TemporaryDirectory(prefix="modelsqueeze-check-") as folder:
         checked = store.checkable(model, folder)
         if sum(store.stored_bytes(t) for t in iter_all_tensors(checked) if not uses_external_data(t)) >= PROTOBUF_LIMIT_BYTES:
             return
@@ -748,16 +749,17 @@ def check_writable_folder(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp)` on a temporary file beside `path`, then rename it into place."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _umask() -> int:
@@ -789,7 +791,11 @@ def save_model(
 ) -> None:
     """Write atomically. A model too big for one protobuf keeps its tensors of `inline_below_bytes`
     or more in `NAME.data` beside it, written tensor by tensor (never all in memory)."""
-    path = Path(path)
+    with writing(path):
+        _save_model(model, Path(path), limit_bytes, inline_below_bytes)
+
+
+def _save_model(model: onnx.ModelProto, path: Path, limit_bytes: int | None, inline_below_bytes: int) -> None:
     if tensor_bytes(model) < (PROTOBUF_LIMIT_BYTES if limit_bytes is None else limit_bytes):
 
         def write(tmp: Path) -> None:

@@ -20,7 +20,7 @@ import onnx
 
 from modelsqueeze import forms, store
 from modelsqueeze.errors import ModelSqueezeError
-from modelsqueeze.files import memory_bytes, open_input
+from modelsqueeze.files import memory_bytes, open_input, writing
 from modelsqueeze.model import (
     _umask,
     check_model,
@@ -197,7 +197,7 @@ def write_pack(pair: Pair, out: str | Path, force: bool = False) -> list[Path]:
     check_not_read_from(pair.model, out)
     inputs = [pair.path] + ([pair.sidecar_path] if pair.sidecar_path else [])
     check_outputs(out, force, inputs)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with writing(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         if pair.sidecar is None:
             if model_file_bytes(pair.path) != pair.path.stat().st_size:
@@ -289,7 +289,7 @@ def write_pair(
     unpin_labels(graph)
     check_model(graph, out, full=True)
     binding = graph_hash(graph)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with writing(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged, staged_side = Path(tmp) / out.name, Path(tmp) / side.name
         save_model(graph, staged)
         if records:  # no record, no sidecar: the model alone is the output (an old OUT.msq goes)
@@ -405,7 +405,7 @@ def unpack(src: str | Path, out: str | Path, force: bool = False) -> Path:
     check_not_read_from(pair.model, out)
     check_outputs(out, force, [Path(src)])
     unpin_labels(pair.model)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with writing(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         save_model(pair.model, Path(tmp) / out.name)
         install(Path(tmp), out)  # an older OUT.msq / OUT.onnx.data goes with the old model
     return out

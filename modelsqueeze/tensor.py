@@ -130,23 +130,27 @@ class CompressedTensor:
         """The value of every stored entry, in storage order."""
         if self.codebook is not None:
             return self.codebook.astype(self.dtype, copy=False)[self.indices.astype(np.intp)]
-        if self.scale is not None and self.positions is None:  # the grid broadcast, not gathered per element
-            q = self.indices.reshape(self.shape).astype(np.int32) + qrange(self.index_bits, self.signed)[0]
-            q -= self.layout.expand(self.zero_point.astype(np.int32))
-            values = q.astype(np.float32)
-            del q
-            values *= self.layout.expand(self.scale.astype(np.float32))
-            return values.astype(self.dtype, copy=False).reshape(-1)
-        if self.scale is not None:
-            q = self.indices.astype(np.int32) + qrange(self.index_bits, self.signed)[0]
-            groups = self.layout.groups().reshape(-1)
-            if self.positions is not None:
-                groups = groups[self.positions]
-            s = self.scale.astype(np.float32).reshape(-1)[groups]
-            z = self.zero_point.astype(np.int32).reshape(-1)[groups]
-            # (q - zero_point) * scale in float32: what ONNX DequantizeLinear computes.
-            return ((q - z).astype(np.float32) * s).astype(self.dtype)
-        return self.values.astype(self.dtype, copy=False)
+        if self.scale is None:
+            return self.values.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # scales that are finite but huge: checked below
+            if self.positions is None:  # the grid broadcast, not gathered per element
+                q = self.indices.reshape(self.shape).astype(np.int32) + qrange(self.index_bits, self.signed)[0]
+                q -= self.layout.expand(self.zero_point.astype(np.int32))
+                values = q.astype(np.float32)
+                del q
+                values *= self.layout.expand(self.scale.astype(np.float32))
+                values = values.astype(self.dtype, copy=False).reshape(-1)
+            else:
+                q = self.indices.astype(np.int32) + qrange(self.index_bits, self.signed)[0]
+                groups = self.layout.groups().reshape(-1)[self.positions]
+                s = self.scale.astype(np.float32).reshape(-1)[groups]
+                z = self.zero_point.astype(np.int32).reshape(-1)[groups]
+                # (q - zero_point) * scale in float32: what ONNX DequantizeLinear computes.
+                values = ((q - z).astype(np.float32) * s).astype(self.dtype)
+        if not np.isfinite(values).all():  # a crafted record: finite scales whose products are not
+            raise ModelSqueezeError(f"tensor {self.name!r}: its scales times its codes overflow {self.dtype} "
+                                    f"(a crafted or corrupt record)")
+        return values
 
     def decode(self) -> np.ndarray:
         """The dense tensor these parts describe."""

@@ -411,6 +411,11 @@ def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str, labe
     if ignored:
         _tell(f"{source}: array(s) {', '.join(ignored)} ignored (no input of the model has that name"
               + (f"; labels are {label_key!r}" if labels else "") + ")")
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            _tell(f"{source}: array {name!r} has {bad:,} NaN or infinite values of {array.size:,}; "
+                  f"the model is run on them as they are")
     samples = runner._conform(runner.samples(feeds))  # a wrong rank or type is found before the labels
     if found is not None:
         if found.ndim == 0:
@@ -557,6 +562,14 @@ def accuracy(output: np.ndarray, labels: np.ndarray, source: str = "data") -> fl
         raise ModelSqueezeError(
             f"{source}: labels of shape {labels.shape} do not match predictions of shape {pred.shape}"
         )
+    if np.issubdtype(output.dtype, np.floating) and output.ndim >= 2 and labels.size:
+        classes = output.shape[-1]  # predictions are argmax indices over the last axis
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise ModelSqueezeError(
+                f"{source}: labels run from {low} to {high}, but the model's scores have {classes} "
+                f"class{'es' if classes != 1 else ''} (indices 0..{classes - 1}); a label outside them can never match"
+            )
     return float(np.mean(pred == labels)) if labels.size else float("nan")
 
 

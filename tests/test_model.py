@@ -285,7 +285,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, mlp, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("modelsqueeze.store.serialize_to", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ModelSqueezeError, match=r"out\.onnx: cannot write it: disk full \(nothing was replaced\)"):
         save_model(mlp, out)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]

@@ -124,7 +124,8 @@ def test_a_failed_save_leaves_the_old_file_and_closes_the_figure(tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken)
-    with pytest.raises(OSError, match="disk full"):
+    from modelsqueeze.errors import ModelSqueezeError
+    with pytest.raises(ModelSqueezeError, match=r"p\.png: cannot write it: disk full \(nothing was replaced\)"):
         draw_sensitivity(path)
     assert path.read_bytes() == b"old"
     assert listing(tmp_path) == ["p.png"]

@@ -193,7 +193,7 @@ def test_a_failing_plot_write_is_one_error(tmp_path, mlp_path, mlp_data, monkeyp
     monkeypatch.setattr(Figure, "savefig", broken)
     plot = tmp_path / "curves.png"
     line = refused("sensitivity", mlp_path, "-d", mlp_data, "-m", "prune", "--values", "0.5", "--plot", plot)
-    assert "cannot write the plot (No space left on device)" in line and not plot.exists()
+    assert line == f"error: {plot}: cannot write it: No space left on device (nothing was replaced)" and not plot.exists()
 
 
 def test_an_unreachable_target_does_not_claim_the_plot_was_not_written(tmp_path, mlp_path, mlp_data):
