@@ -281,12 +281,9 @@ hostile = st.one_of(
 )
 
 
-@profile(150)
-@given(data=st.data(), name=st.sampled_from(["coded", "q4coded", "q4block", "sparse_q8", "dense_shared"]))
-def test_hostile_meta_values_in_real_records_are_refused_or_consistent(corpus, data, name):
-    """Every key of a real record's metadata (Huffman chunk and alphabet parameters, quantization
-    axis and block size included) set to a hostile value, with the checksums made valid."""
-    parts = split_records(corpus.sidecars[name])
+def set_hostile_meta(data, parts: list) -> tuple[int, object, str, object]:
+    """One key of one record's metadata (its own, its quantization's or a stream's) set to a hostile
+    value in `parts`, in place: (record index, where, key, value)."""
     index = data.draw(st.integers(0, len(parts) - 1), label="record")
     meta = meta_of(parts[index])
     places = [("meta", key) for key in meta] + [("quant", key) for key in meta.get("quant", {})]
@@ -296,6 +293,16 @@ def test_hostile_meta_values_in_real_records_are_refused_or_consistent(corpus, d
     container = meta if where == "meta" else meta["quant"] if where == "quant" else meta["streams"][where]
     container[key] = value
     parts[index] = with_meta(parts[index], meta)
+    return index, where, key, value
+
+
+@profile(150)
+@given(data=st.data(), name=st.sampled_from(["coded", "q4coded", "q4block", "sparse_q8", "dense_shared"]))
+def test_hostile_meta_values_in_real_records_are_refused_or_consistent(corpus, data, name):
+    """Every key of a real record's metadata (Huffman chunk and alphabet parameters, quantization
+    axis and block size included) set to a hostile value, with the checksums made valid."""
+    parts = split_records(corpus.sidecars[name])
+    index, where, key, value = set_hostile_meta(data, parts)
     assert_refused_or_consistent(build(parts, corpus.sidecars[name][24:56]), f"{where}.{key} = {value!r}")
 
 
@@ -310,15 +317,7 @@ def test_a_structurally_mutated_pair_gives_a_model_onnxruntime_runs_or_one_error
     import onnxruntime as ort
 
     parts = split_records(corpus.sidecars[name])
-    index = data.draw(st.integers(0, len(parts) - 1), label="record")
-    meta = meta_of(parts[index])
-    places = [("meta", key) for key in meta] + [("quant", key) for key in meta.get("quant", {})]
-    places += [(i, key) for i, stream in enumerate(meta["streams"]) for key in stream]
-    where, key = data.draw(st.sampled_from(places), label="place")
-    value = data.draw(hostile, label="value")
-    container = meta if where == "meta" else meta["quant"] if where == "quant" else meta["streams"][where]
-    container[key] = value
-    parts[index] = with_meta(parts[index], meta)
+    index, where, key, value = set_hostile_meta(data, parts)
     path = folder_with(corpus, name, sidecar=build(parts, corpus.sidecars[name][24:56]))
     label = f"{name} record {index}: {where}.{key} = {value!r}"
     with address_space_cap():
