@@ -79,22 +79,19 @@ def _fidelity(out: Path, original: Path, data: Path) -> dict:
     row = {"runs": True, "headline_output": result["headline_output"],
            "top1_agreement": result["fidelity"]["top1_agreement"], "min_snr_db": min(snrs) if snrs else None}
     if unscored:
-        row["task"] = task_metrics(original.stem, [_outputs(original, data)], [_outputs(out, data)])
+        row["task"] = task_metrics(original.stem, [_original_outputs(original, data)], [_run(out, data)])
     return row
-
-
-def _outputs(path: Path, data: Path) -> tuple[np.ndarray, ...]:
-    """onnxruntime's outputs on the corpus data, fed as corpus/models.toml's layout says (make_inputs'
-    own feeding: per sample, 0-d inputs whole); the original's are computed once."""
-    return _original_outputs(path, data) if path.parent == data.parent else _run(path, data)
 
 
 @functools.lru_cache(maxsize=None)
 def _original_outputs(path: Path, data: Path) -> tuple[np.ndarray, ...]:
+    """The original's outputs, computed once for every command's row."""
     return _run(path, data)
 
 
 def _run(path: Path, data: Path) -> tuple[np.ndarray, ...]:
+    """onnxruntime's outputs on the corpus data, fed as corpus/models.toml's layout says (make_inputs'
+    own feeding: per sample, 0-d inputs whole)."""
     layout = next((e.get("layout", "batch") for e in load_manifest() if e["id"] == data.stem), "batch")
     with np.load(data) as arrays:
         feeds = {k: arrays[k] for k in arrays.files}

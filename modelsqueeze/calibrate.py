@@ -14,7 +14,7 @@ from onnx import helper
 
 from modelsqueeze.errors import ModelSqueezeError
 from modelsqueeze.model import WeightInfo, node_name
-from modelsqueeze.validate import BATCH_SIZE, Runner, Samples, load_npz, split_data
+from modelsqueeze.validate import BATCH_SIZE, Runner, Samples, load_npz, non_finite_count, split_data
 
 # Largest block of rows (rows x K elements) materialised at once when accumulating; im2col of a
 # big Conv batch would otherwise be many times the activation itself.
@@ -415,7 +415,6 @@ def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
     if not arrays:
         raise ModelSqueezeError(f"{path}: no input arrays (calibration data needs the model's inputs, by name or `x`)")
     for name, array in arrays.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad := non_finite_count(array):
             raise ModelSqueezeError(f"{path}: array {name!r} has {bad:,} NaN or infinite values; calibration needs finite inputs")
     return arrays

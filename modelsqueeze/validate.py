@@ -387,6 +387,13 @@ def sample_count_hint(arrays: Mapping[str, np.ndarray]) -> int:
     return max((a.shape[0] for a in arrays.values() if a.ndim), default=1)
 
 
+def non_finite_count(array: np.ndarray) -> int:
+    """How many NaN or infinite values a float array holds (0 for any other dtype)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
 def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str, labels: bool = True) -> Samples:
     """The model's feeds (by input name, or `x` for a single-input model) with their sample axes,
     and the labels (`y`, or the array --labels names). Arrays the model does not read are ignored
@@ -412,8 +419,7 @@ def split_data(data: Mapping[str, np.ndarray], runner: Runner, source: str, labe
         _tell(f"{source}: array(s) {', '.join(ignored)} ignored (no input of the model has that name"
               + (f"; labels are {label_key!r}" if labels else "") + ")")
     for name, array in feeds.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad := non_finite_count(array):
             _tell(f"{source}: array {name!r} has {bad:,} NaN or infinite values of {array.size:,}; "
                   f"the model is run on them as they are")
     samples = runner._conform(runner.samples(feeds))  # a wrong rank or type is found before the labels

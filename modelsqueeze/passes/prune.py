@@ -87,9 +87,9 @@ def _mask_stream(
     pruning else None) for each tensor the configuration prunes, in order. `load(info)` gives
     the array a tensor is ranked by; one tensor is loaded at a time (a global criterion first
     streams over the tensors it covers)."""
-    rule = config.sparsity or config.threshold or config.std_scale
+    rule, option = next(((r, o) for r, o in ((config.sparsity, "--sparsity"), (config.threshold, "--threshold"),
+                                             (config.std_scale, "--std-scale")) if r is not None), (None, ""))
     if config.nm is None:
-        option = "--sparsity" if config.sparsity is not None else "--threshold" if config.threshold is not None else "--std-scale"
         notes += rule.unused_notes(infos, option)
     plan: list[tuple[WeightInfo, float | None, bool]] = []  # (tensor, its value, under one global criterion)
     for info in infos:

@@ -316,13 +316,16 @@ def _named(config: SvdConfig, info: WeightInfo) -> bool:
     return any(rule is not None and rule.lookup(info)[1] for rule in rules)
 
 
+def _rank_rules(config: SvdConfig) -> list[tuple[LayerRule, str]]:
+    """The per-layer rules that choose ranks, given ones only, with their kind (the option's name)."""
+    rules = ((config.rank, "rank"), (config.energy, "energy"), (config.ratio, "ratio"), (config.max_error, "max_error"))
+    return [(rule, kind) for rule, kind in rules if rule is not None]
+
+
 def _choose_rank(config: SvdConfig, target: _Target) -> tuple[int | None, str]:
     """(rank, how it was chosen) from the per-layer rule; rank None means the rule skips the layer."""
     k, n = target.shape
-    for rule, kind in ((config.rank, "rank"), (config.energy, "energy"), (config.ratio, "ratio"),
-                       (config.max_error, "max_error")):
-        if rule is None:
-            continue
+    for rule, kind in _rank_rules(config):
         value, _ = rule.lookup(target.info)
         if value is None:
             return None, ""
@@ -452,10 +455,8 @@ def svd(model: onnx.ModelProto, records: dict[str, CompressedTensor], config: Sv
     if not selected:
         raise nothing_selected(out)
     selected = finite_only(selected, notes)
-    for rule, option in ((config.rank, "--rank"), (config.energy, "--energy"), (config.ratio, "--ratio"),
-                         (config.max_error, "--max-error")):
-        if rule is not None:
-            notes += rule.unused_notes(selected, option)
+    for rule, kind in _rank_rules(config):
+        notes += rule.unused_notes(selected, "--" + kind.replace("_", "-"))
     targets: list[_Target] = []
     for info in selected:
         found = _target(out, info)
